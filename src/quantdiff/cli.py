@@ -1,0 +1,260 @@
+"""The ``quantdiff`` command line: calibrate, quantize, generate, inspect (and ``tiny`` for demos).
+
+Every verb is a thin layer over the public Python API; user errors print one line and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from quantdiff.errors import QuantDiffError
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _calibration_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("calibration")
+    group.add_argument("--prompts", help="prompt file, one per line (default: the 64 prompts shipped with quantdiff)")
+    group.add_argument("--num-prompts", type=int, help="use only the first N prompts")
+    group.add_argument("--mode", choices=("trajectory", "noise"), default="trajectory",
+                       help="run the sampler (trajectory) or pair real text conditioning with Gaussian latents (noise)")
+    group.add_argument("--steps", type=int, default=25, help="sampler steps per calibration prompt (default 25)")
+    group.add_argument("--num-timesteps", default="8",
+                       help="steps recorded per prompt, spread evenly over the trajectory, or 'all' (default 8)")
+    group.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's)")
+    group.add_argument("--height", type=int, help="image height (default: the pipeline's)")
+    group.add_argument("--width", type=int, help="image width (default: the pipeline's)")
+    group.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i (default 0)")
+
+
+def _runtime_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--dtype", choices=tuple(_DTYPES), default="float32",
+                        help="dtype of the floating-point weights (default float32; fp16/bf16 are slow on most CPUs)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from quantdiff.recipe import PRESETS
+    from quantdiff.version import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="quantdiff", description="Post-training quantization of diffusers text-to-image pipelines."
+    )
+    parser.add_argument("--version", action="version", version=f"quantdiff {__version__}")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    calibrate = verbs.add_parser("calibrate", help="run the FP pipeline on prompts and record denoiser inputs")
+    calibrate.add_argument("model", metavar="MODEL_DIR", help="diffusers pipeline folder")
+    calibrate.add_argument("--out", required=True, help="output folder for the calibration data")
+    calibrate.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _calibration_options(calibrate)
+    _runtime_options(calibrate)
+
+    quantize = verbs.add_parser("quantize", help="quantize the denoiser and save it")
+    quantize.add_argument("model", metavar="MODEL_DIR", help="diffusers pipeline folder")
+    quantize.add_argument("--recipe", default="w8a8",
+                          help=f"preset ({', '.join(PRESETS)}) or a .json/.yaml recipe file (default w8a8)")
+    quantize.add_argument("--calib", help="calibration folder from `quantdiff calibrate` (else calibrate on the fly)")
+    quantize.add_argument("--out", required=True, help="output folder for the quantized model")
+    quantize.add_argument("--copy-components", action="store_true",
+                          help="copy the unchanged components too, for a folder that works without MODEL_DIR")
+    quantize.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _calibration_options(quantize)
+    _runtime_options(quantize)
+
+    generate = verbs.add_parser("generate", help="generate an image with a pipeline or quantized folder")
+    generate.add_argument("model", metavar="MODEL", help="diffusers pipeline folder or quantized folder")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--negative-prompt")
+    generate.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's)")
+    generate.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's)")
+    generate.add_argument("--height", type=int)
+    generate.add_argument("--width", type=int)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--out", default="image.png", help="PNG path (default image.png)")
+    _runtime_options(generate)
+
+    inspect = verbs.add_parser("inspect", help="per-layer plan and denoiser size in fp32/fp16/quantized bytes")
+    inspect.add_argument("model", metavar="MODEL", help="quantized folder, or a pipeline folder (with --recipe: dry run)")
+    inspect.add_argument("--recipe", help="for a pipeline folder: show the plan and sizes this recipe would give")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON (schema in quantdiff.report)")
+    inspect.add_argument("--max-layers", type=int, help="show at most N layers in the table")
+
+    tiny = verbs.add_parser("tiny", help="build a tiny random-weight pipeline (for demos and tests)")
+    tiny.add_argument("arch", choices=("sd15", "sdxl", "sd3", "pixart"))
+    tiny.add_argument("--out", required=True)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--no-t5", action="store_true", help="sd3 only: build it without the T5 text encoder")
+    return parser
+
+
+def _num_timesteps(text: str) -> int | None:
+    if text == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise QuantDiffError(f"--num-timesteps must be a positive integer or 'all', got {text!r}") from None
+    if value < 1:
+        raise QuantDiffError(f"--num-timesteps must be at least 1, got {value}")
+    return value
+
+
+def _capture(args, pipe, model: str):
+    from quantdiff.calibration import capture_calibration, read_prompts
+
+    prompts = read_prompts(args.prompts)
+    if args.num_prompts is not None:
+        if args.num_prompts < 1:
+            raise QuantDiffError(f"--num-prompts must be at least 1, got {args.num_prompts}")
+        prompts = prompts[: args.num_prompts]
+    return capture_calibration(
+        pipe,
+        prompts,
+        num_inference_steps=args.steps,
+        num_timesteps=_num_timesteps(args.num_timesteps),
+        guidance_scale=args.guidance,
+        height=args.height,
+        width=args.width,
+        seed=args.seed,
+        mode=args.mode,
+        model_path=model,
+        progress=not args.quiet,
+    )
+
+
+def _refuse_existing(out: str, overwrite: bool) -> None:
+    # Checked before any long work; the atomic writer checks again when it finishes.
+    if Path(out).exists() and not overwrite:
+        raise QuantDiffError(f"output '{out}' already exists: choose another --out or pass --overwrite")
+
+
+def _cmd_calibrate(args) -> int:
+    from quantdiff.pipelines.loading import load_pipeline, read_pipeline_folder
+
+    read_pipeline_folder(args.model)
+    _refuse_existing(args.out, args.overwrite)
+    _num_timesteps(args.num_timesteps)
+    pipe = load_pipeline(args.model, device=args.device, torch_dtype=_DTYPES[args.dtype])
+    calibration = _capture(args, pipe, args.model)
+    calibration.save(args.out, overwrite=args.overwrite)
+    prompts = len(calibration.info["prompts"])
+    print(f"recorded {len(calibration)} denoiser calls ({prompts} prompts x {len(calibration.info['step_indices'])} "
+          f"timesteps, mode {args.mode}) -> {args.out}")
+    return 0
+
+
+def _cmd_quantize(args) -> int:
+    from quantdiff.calibration import CalibrationSet
+    from quantdiff.pipelines.loading import denoiser_of, load_pipeline, read_pipeline_folder
+    from quantdiff.quantize import quantize_denoiser
+    from quantdiff.recipe import load_recipe
+    from quantdiff.report import format_totals, report_quantized_folder
+    from quantdiff.serialization import save_quantized
+
+    read_pipeline_folder(args.model)
+    recipe = load_recipe(args.recipe)
+    _refuse_existing(args.out, args.overwrite)
+    if args.calib and args.prompts:
+        raise QuantDiffError("give either --calib (recorded data) or --prompts (calibrate now), not both")
+    calibration = CalibrationSet.load(args.calib) if args.calib else None
+    pipe = load_pipeline(args.model, device=args.device, torch_dtype=_DTYPES[args.dtype])
+    _, denoiser = denoiser_of(pipe)
+    if calibration is not None:
+        calibration.check_matches(denoiser)
+    elif recipe.activations is not None:
+        calibration = _capture(args, pipe, args.model)
+    quantize_denoiser(denoiser, recipe, calibration, progress=not args.quiet)
+    save_quantized(pipe, args.out, base_path=args.model, copy_components=args.copy_components, overwrite=args.overwrite)
+    print(format_totals(report_quantized_folder(args.out)))
+    print(f"saved {recipe.label} ({recipe.name}) quantized denoiser -> {args.out}")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from quantdiff.generate import generate, load_any_pipeline, save_png
+
+    pipe = load_any_pipeline(args.model, device=args.device, torch_dtype=_DTYPES[args.dtype])
+    image, parameters = generate(
+        pipe,
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        guidance=args.guidance,
+        height=args.height,
+        width=args.width,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    save_png(image, args.out, parameters)
+    kind = parameters["quantization"] or "floating point"
+    print(f"{image.width}x{image.height} image, seed {args.seed}, {kind} -> {args.out}")
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from quantdiff.report import format_report, report_pipeline_folder, report_quantized_folder
+    from quantdiff.serialization import is_quantized_folder
+
+    if is_quantized_folder(args.model):
+        if args.recipe:
+            raise QuantDiffError("--recipe applies to pipeline folders; this folder is already quantized")
+        report = report_quantized_folder(args.model)
+    else:
+        report = report_pipeline_folder(args.model, args.recipe)
+    print(json.dumps(report, indent=1) if args.json else format_report(report, max_layers=args.max_layers))
+    return 0
+
+
+def _cmd_tiny(args) -> int:
+    from quantdiff.atomic import atomic_directory
+    from quantdiff.pipelines.tiny import build_tiny_pipeline
+
+    _refuse_existing(args.out, False)
+    with atomic_directory(args.out) as staging:
+        build_tiny_pipeline(args.arch, seed=args.seed, with_t5=not args.no_t5).save_pretrained(staging)
+    print(f"tiny {args.arch} pipeline (random weights) -> {args.out}")
+    return 0
+
+
+_COMMANDS = {
+    "calibrate": _cmd_calibrate,
+    "quantize": _cmd_quantize,
+    "generate": _cmd_generate,
+    "inspect": _cmd_inspect,
+    "tiny": _cmd_tiny,
+}
+
+
+def _quiet_libraries(progress: bool) -> None:
+    # transformers warns on every import that torchvision is missing; quantdiff never needs it.
+    import diffusers
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    if not progress:
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries(progress=not args.quiet)
+    try:
+        return _COMMANDS[args.verb](args)
+    except QuantDiffError as error:
+        print(f"quantdiff {args.verb}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"quantdiff {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Generate images from a plain pipeline folder or a quantized folder, reproducibly from a seed.
+
+The same seed drives the same initial latents in the floating-point and the quantized pipeline (the
+generator lives on the CPU whatever the device), so their images can be compared pixel by pixel.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, PngImagePlugin
+
+from quantdiff.pipelines.loading import denoiser_of, load_pipeline
+from quantdiff.quantize import quantization_info
+from quantdiff.serialization import is_quantized_folder, load_quantized_pipeline
+
+
+def load_any_pipeline(path: str | os.PathLike, *, device: str | torch.device = "cpu", **components: Any):
+    """A pipeline from a diffusers pipeline folder (floating point) or a quantdiff folder (quantized)."""
+    if is_quantized_folder(path):
+        return load_quantized_pipeline(path, device=device, **components)
+    return load_pipeline(path, device=device, **components)
+
+
+def generate(
+    pipe,
+    prompt: str,
+    *,
+    negative_prompt: str | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[Image.Image, dict[str, Any]]:
+    """One image and the parameters that made it.
+
+    Args:
+        pipe: a loaded pipeline (floating point or quantized).
+        prompt, negative_prompt: text conditioning.
+        steps, guidance, height, width: the pipeline's defaults where ``None``.
+        seed: seed of the CPU generator that draws the initial latents.
+        progress: show the pipeline's per-step progress bar.
+
+    Returns:
+        ``(image, parameters)``; ``parameters`` holds every setting, the size actually produced, the
+        scheduler, and the quantization recipe (``None`` for a floating-point denoiser).
+    """
+    kwargs: dict[str, Any] = {"prompt": prompt, "generator": torch.Generator("cpu").manual_seed(seed)}
+    for name, value in (
+        ("negative_prompt", negative_prompt),
+        ("num_inference_steps", steps),
+        ("guidance_scale", guidance),
+        ("height", height),
+        ("width", width),
+    ):
+        if value is not None:
+            kwargs[name] = value
+    pipe.set_progress_bar_config(disable=not progress)
+    with torch.no_grad():
+        image = pipe(**kwargs).images[0]
+    _, denoiser = denoiser_of(pipe)
+    info = quantization_info(denoiser)
+    parameters = {
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "steps": steps,
+        "guidance": guidance,
+        "seed": seed,
+        "width": image.width,
+        "height": image.height,
+        "scheduler": type(pipe.scheduler).__name__,
+        "model": str(getattr(pipe, "name_or_path", "") or ""),
+        "quantization": None if info is None else f"{info.recipe.label} ({info.recipe.name})",
+    }
+    return image, parameters
+
+
+def a1111_parameters(parameters: dict[str, Any]) -> str:
+    """The settings as the A1111 ``parameters`` PNG text, which most diffusion tools read."""
+    lines = [parameters["prompt"]]
+    if parameters.get("negative_prompt"):
+        lines.append(f"Negative prompt: {parameters['negative_prompt']}")
+    fields = [
+        ("Steps", parameters.get("steps")),
+        ("Sampler", parameters.get("scheduler")),
+        ("CFG scale", parameters.get("guidance")),
+        ("Seed", parameters.get("seed")),
+        ("Size", f"{parameters['width']}x{parameters['height']}"),
+        ("Model", Path(parameters["model"]).name if parameters.get("model") else None),
+        ("Quantization", parameters.get("quantization")),
+    ]
+    lines.append(", ".join(f"{key}: {value}" for key, value in fields if value is not None))
+    return "\n".join(lines)
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict[str, Any]) -> Path:
+    """Save ``image`` as PNG with its settings in a ``parameters`` text chunk."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    chunk = PngImagePlugin.PngInfo()
+    chunk.add_text("parameters", a1111_parameters(parameters))
+    image.save(path, format="PNG", pnginfo=chunk)
+    return path

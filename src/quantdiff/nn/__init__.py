@@ -1,0 +1,1 @@
+"""Quantized modules that replace nn.Linear / nn.Conv2d."""

@@ -1,0 +1,1 @@
+"""Diffusers pipelines: loading local folders, architecture knowledge, tiny test pipelines."""

@@ -1,0 +1,141 @@
+"""What quantdiff knows about each supported denoiser, kept as data.
+
+Everything architecture-specific lives here: which pipeline component is the denoiser, how to recognise
+it, and which layers stay in floating point by default and why. The rest of the package asks this module
+instead of testing class names itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from quantdiff.errors import PipelineError
+
+
+@dataclass(frozen=True)
+class IgnoreRule:
+    """A layer-name glob kept in floating point by default, with the reason."""
+
+    pattern: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A supported denoiser family.
+
+    Attributes:
+        name: short id used in plans and reports (``sd15``, ``sdxl``, ``sd3``, ``pixart``).
+        title: human name.
+        denoiser_component: attribute of the pipeline that holds the denoiser (``unet`` / ``transformer``).
+        denoiser_class: diffusers class name of the denoiser.
+        flow_matching: whether the denoiser predicts a flow-matching velocity rather than noise.
+        default_ignore: layers kept in floating point unless a recipe says otherwise.
+    """
+
+    name: str
+    title: str
+    denoiser_component: str
+    denoiser_class: str
+    flow_matching: bool
+    default_ignore: tuple[IgnoreRule, ...]
+
+
+# Shared reasons, so the same decision reads the same everywhere.
+_FIRST = "first layer: few input channels so it is cheap, and latent ranges shift with the timestep"
+_LAST = "last layer: its error lands directly in the predicted noise / velocity"
+_TIME = (
+    "timestep embedding MLP: negligible FLOPs, and its output conditions every block "
+    "(timestep features are among the most quantization-sensitive, TFMQ-DM)"
+)
+
+_UNET_IGNORE = (
+    IgnoreRule("conv_in", _FIRST),
+    IgnoreRule("conv_out", _LAST),
+    IgnoreRule("time_embedding.*", _TIME),
+)
+
+SD15 = Architecture(
+    name="sd15",
+    title="Stable Diffusion 1.x / 2.x UNet",
+    denoiser_component="unet",
+    denoiser_class="UNet2DConditionModel",
+    flow_matching=False,
+    default_ignore=_UNET_IGNORE,
+)
+
+SDXL = Architecture(
+    name="sdxl",
+    title="Stable Diffusion XL / SDXL-Turbo UNet",
+    denoiser_component="unet",
+    denoiser_class="UNet2DConditionModel",
+    flow_matching=False,
+    default_ignore=_UNET_IGNORE
+    + (
+        IgnoreRule(
+            "add_embedding.*",
+            "pooled-text and size/crop (time_ids) embedding MLP: negligible FLOPs, conditions every block",
+        ),
+    ),
+)
+
+SD3 = Architecture(
+    name="sd3",
+    title="Stable Diffusion 3 / 3.5 MMDiT",
+    denoiser_component="transformer",
+    denoiser_class="SD3Transformer2DModel",
+    flow_matching=True,
+    default_ignore=(
+        IgnoreRule("pos_embed.proj", "patch-embedding conv: " + _FIRST),
+        IgnoreRule("time_text_embed.*", _TIME + "; also embeds the pooled CLIP text vector"),
+        IgnoreRule(
+            "context_embedder",
+            "projects the T5/CLIP token embeddings, whose outlier channels break per-tensor int8 "
+            "(msModelSlim keeps it in floating point too)",
+        ),
+        IgnoreRule("norm_out.linear", "final adaLN modulation: scales the output of the last layer"),
+        IgnoreRule("proj_out", _LAST),
+    ),
+)
+
+PIXART = Architecture(
+    name="pixart",
+    title="PixArt-alpha / PixArt-sigma DiT",
+    denoiser_component="transformer",
+    denoiser_class="PixArtTransformer2DModel",
+    flow_matching=False,
+    default_ignore=(
+        IgnoreRule("pos_embed.proj", "patch-embedding conv: " + _FIRST),
+        IgnoreRule("adaln_single.*", _TIME + "; produces the adaLN modulation of every block"),
+        IgnoreRule(
+            "caption_projection.*",
+            "projects the T5 caption embeddings, whose outlier channels break per-tensor int8 (ViDiT-Q keeps the y-embedder in FP)",
+        ),
+        IgnoreRule("proj_out", _LAST),
+    ),
+)
+
+ARCHITECTURES: Mapping[str, Architecture] = {a.name: a for a in (SD15, SDXL, SD3, PIXART)}
+
+
+def architecture_of(denoiser: nn.Module) -> Architecture:
+    """The architecture of a denoiser module, from its class and config."""
+    return architecture_from_config(type(denoiser).__name__, dict(getattr(denoiser, "config", {}) or {}))
+
+
+def architecture_from_config(class_name: str, config: Mapping[str, Any]) -> Architecture:
+    """The architecture for a denoiser class name and its config (as in the component's config.json)."""
+    if class_name == "UNet2DConditionModel":
+        # SDXL is the same UNet class; its extra text/size conditioning is the tell.
+        return SDXL if config.get("addition_embed_type") == "text_time" else SD15
+    for architecture in (SD3, PIXART):
+        if class_name == architecture.denoiser_class:
+            return architecture
+    supported = sorted({a.denoiser_class for a in ARCHITECTURES.values()})
+    raise PipelineError(
+        f"denoiser class {class_name!r} is not supported; quantdiff supports {', '.join(supported)}"
+    )

@@ -1,0 +1,339 @@
+"""Recipes: what to quantize, to how many bits, with which observer.
+
+A :class:`Recipe` is a frozen, validated description of a quantization job. It is resolved against a
+concrete denoiser into a per-layer :class:`~quantdiff.plan.QuantPlan` (see ``plan.py``); the recipe is the
+rule set, the plan is the result.
+
+Recipes come from three places:
+
+* the presets ``w8a8``, ``w8a8-minmax``, ``w4a8``, ``w8a16`` and ``w4a16`` (:data:`PRESETS`);
+* a JSON or YAML file with the same fields (``quantdiff quantize ... --recipe my_recipe.yaml``);
+* Python code, building the dataclasses directly.
+
+Serialized recipes carry ``"_type"`` and ``"_version"`` so that a later quantdiff can read an older file.
+Unknown keys and impossible values raise :class:`~quantdiff.errors.RecipeError` with a message that names
+the key and says what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from quantdiff.errors import RecipeError
+from quantdiff.observers import OBSERVERS, make_observer
+
+RECIPE_VERSION = 1
+
+GRANULARITIES = ("tensor", "channel", "group")
+SUPPORTED_LAYER_TYPES = ("Linear", "Conv2d")
+
+
+def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(value or {}))
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """How one tensor (a layer's weight, or its input activation) is quantized.
+
+    Attributes:
+        bits: integer width, 2 to 8.
+        symmetric: signed values with zero point 0 (``True``), or unsigned values with a zero point.
+        granularity: one scale per ``"tensor"``, per output ``"channel"``, or per ``"group"`` of
+            ``group_size`` consecutive input features of each output channel.
+        group_size: required for ``"group"``, forbidden otherwise.
+        observer: how the range is chosen from the observed values: ``"minmax"``, ``"ema_minmax"``,
+            ``"percentile"`` or ``"mse"`` (Lp range search, p = 2.4, as in Q-Diffusion).
+        observer_options: keyword options of that observer, e.g. ``{"percentile": 99.99}``.
+    """
+
+    bits: int
+    symmetric: bool
+    granularity: str
+    group_size: int | None = None
+    observer: str = "minmax"
+    observer_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "observer_options", _frozen_mapping(self.observer_options))
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise RecipeError(f"bits={self.bits!r} is out of range: use an integer from 2 to 8")
+        if not isinstance(self.symmetric, bool):
+            raise RecipeError(f"symmetric={self.symmetric!r} must be true or false")
+        if self.granularity not in GRANULARITIES:
+            raise RecipeError(
+                f"granularity={self.granularity!r} is unknown: use one of {', '.join(GRANULARITIES)}"
+            )
+        if self.granularity == "group":
+            if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 2:
+                raise RecipeError(
+                    f"granularity 'group' needs group_size >= 2 (typically 64 or 128), got {self.group_size!r}"
+                )
+        elif self.group_size is not None:
+            raise RecipeError(
+                f"group_size={self.group_size} only applies to granularity 'group' "
+                f"(this spec has granularity {self.granularity!r}): remove it or set granularity to 'group'"
+            )
+        if self.observer not in OBSERVERS:
+            raise RecipeError(f"observer={self.observer!r} is unknown: use one of {', '.join(OBSERVERS)}")
+        try:  # building one checks the options' names and values where they are defined
+            make_observer(self.observer, self.bits, self.symmetric, **dict(self.observer_options))
+        except (TypeError, ValueError) as error:
+            raise RecipeError(f"observer {self.observer!r} rejects its options: {error}") from None
+
+    @property
+    def packed(self) -> bool:
+        """Whether stored values are packed two per byte (4 bits or fewer)."""
+        return self.bits <= 4
+
+    def describe(self) -> str:
+        """Short human form, e.g. ``int8 sym channel minmax`` or ``int4 sym group128 mse``."""
+        granularity = f"group{self.group_size}" if self.granularity == "group" else self.granularity
+        mode = "sym" if self.symmetric else "asym"
+        return f"int{self.bits} {mode} {granularity} {self.observer}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "bits": self.bits,
+            "symmetric": self.symmetric,
+            "granularity": self.granularity,
+            "group_size": self.group_size,
+            "observer": self.observer,
+            "observer_options": dict(self.observer_options),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "tensor spec") -> TensorSpec:
+        _check_keys(data, cls, where)
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """A per-layer exception to the recipe's defaults; the first override whose pattern matches wins.
+
+    Attributes:
+        pattern: glob (``fnmatch``) on the layer's qualified name in the denoiser, e.g.
+            ``"down_blocks.0.*"`` or ``"*.attn2.to_k"``.
+        skip: keep matching layers in floating point.
+        weights: fields replaced on the recipe's weight spec, e.g. ``{"bits": 8}``.
+        activations: fields replaced on the recipe's activation spec; ``None`` keeps the inputs of
+            matching layers in floating point (weight-only for those layers).
+    """
+
+    pattern: str
+    skip: bool = False
+    weights: Mapping[str, Any] = field(default_factory=dict)
+    activations: Mapping[str, Any] | None = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise RecipeError(f"override pattern must be a non-empty glob string, got {self.pattern!r}")
+        object.__setattr__(self, "weights", _frozen_mapping(self.weights))
+        if self.activations is not None:
+            object.__setattr__(self, "activations", _frozen_mapping(self.activations))
+        for name, changes in (("weights", self.weights), ("activations", self.activations or {})):
+            unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(TensorSpec)})
+            if unknown:
+                raise RecipeError(
+                    f"override {self.pattern!r}: unknown {name} field(s) {unknown}; "
+                    f"allowed: {[f.name for f in dataclasses.fields(TensorSpec)]}"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pattern": self.pattern,
+            "skip": self.skip,
+            "weights": dict(self.weights),
+            "activations": None if self.activations is None else dict(self.activations),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LayerOverride:
+        _check_keys(data, cls, "override")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named quantization job: default weight and activation specs plus per-layer rules.
+
+    Attributes:
+        name: shown in reports and stored with the quantized model.
+        weights: spec of every quantized layer's weight.
+        activations: spec of every quantized layer's input, static and calibrated; ``None`` means
+            weight-only quantization (the ``A16`` in ``W4A16``), which needs no calibration data.
+        ignore: globs of layer names kept in floating point, in addition to the architecture's default
+            ignore list (see ``quantdiff.pipelines.architectures``).
+        use_default_ignore: apply the architecture's documented default ignore list.
+        overrides: per-layer exceptions, first match wins; they take precedence over both ignore lists.
+        layer_types: module types that are quantized.
+    """
+
+    name: str
+    weights: TensorSpec
+    activations: TensorSpec | None
+    ignore: tuple[str, ...] = ()
+    use_default_ignore: bool = True
+    overrides: tuple[LayerOverride, ...] = ()
+    layer_types: tuple[str, ...] = SUPPORTED_LAYER_TYPES
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise RecipeError("a recipe needs a non-empty name")
+        if not isinstance(self.weights, TensorSpec):
+            raise RecipeError("recipe.weights must be a TensorSpec")
+        if self.activations is not None:
+            _check_activation_spec(self.activations, "recipe activations")
+        object.__setattr__(self, "ignore", tuple(self.ignore))
+        object.__setattr__(self, "overrides", tuple(self.overrides))
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        unknown_types = sorted(set(self.layer_types) - set(SUPPORTED_LAYER_TYPES))
+        if unknown_types:
+            raise RecipeError(
+                f"layer_types {unknown_types} are not supported: use a subset of {list(SUPPORTED_LAYER_TYPES)}"
+            )
+        for override in self.overrides:  # resolve once so a bad override fails here, not mid-quantization
+            self.specs_for(override)
+
+    @property
+    def label(self) -> str:
+        """``W8A8``-style label."""
+        return f"W{self.weights.bits}A{self.activations.bits if self.activations else 16}"
+
+    def specs_for(self, override: LayerOverride) -> tuple[TensorSpec | None, TensorSpec | None]:
+        """The (weight, activation) specs of layers matched by ``override``; ``(None, None)`` if skipped."""
+        if override.skip:
+            return None, None
+        try:
+            weights = dataclasses.replace(self.weights, **override.weights)
+            if override.activations is None:
+                activations = None
+            elif override.activations and self.activations is None:
+                raise RecipeError(
+                    f"override {override.pattern!r} changes activation fields but the recipe has no "
+                    f"activation spec to change: give the recipe an 'activations' spec, or drop the override's"
+                )
+            elif self.activations is None:
+                activations = None
+            else:
+                activations = dataclasses.replace(self.activations, **override.activations)
+        except TypeError as error:
+            raise RecipeError(f"override {override.pattern!r}: {error}") from None
+        if activations is not None:
+            _check_activation_spec(activations, f"override {override.pattern!r}")
+        return weights, activations
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "_type": "Recipe",
+            "_version": RECIPE_VERSION,
+            "name": self.name,
+            "weights": self.weights.to_dict(),
+            "activations": None if self.activations is None else self.activations.to_dict(),
+            "ignore": list(self.ignore),
+            "use_default_ignore": self.use_default_ignore,
+            "overrides": [override.to_dict() for override in self.overrides],
+            "layer_types": list(self.layer_types),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Recipe:
+        """Build from :meth:`to_dict` output or a hand-written file (``_type``/``_version`` optional)."""
+        if not isinstance(data, Mapping):
+            raise RecipeError(f"a recipe must be a mapping of fields, got {type(data).__name__}")
+        data = dict(data)
+        kind = data.pop("_type", "Recipe")
+        if kind != "Recipe":
+            raise RecipeError(f"expected a Recipe, got _type={kind!r}")
+        version = data.pop("_version", RECIPE_VERSION)
+        if not isinstance(version, int) or version > RECIPE_VERSION:
+            raise RecipeError(
+                f"recipe format version {version!r} is newer than this quantdiff understands "
+                f"({RECIPE_VERSION}): upgrade quantdiff"
+            )
+        _check_keys(data, cls, "recipe")
+        for required in ("name", "weights"):
+            if required not in data:
+                raise RecipeError(f"recipe is missing the required field {required!r}")
+        if "activations" not in data:
+            raise RecipeError(
+                "recipe is missing the field 'activations': give a spec, or null for weight-only quantization"
+            )
+        data["weights"] = TensorSpec.from_dict(data["weights"], "weights")
+        if data["activations"] is not None:
+            data["activations"] = TensorSpec.from_dict(data["activations"], "activations")
+        data["overrides"] = tuple(LayerOverride.from_dict(item) for item in data.get("overrides", ()))
+        return cls(**data)
+
+
+def _check_activation_spec(spec: TensorSpec, where: str) -> None:
+    if spec.granularity != "tensor":
+        raise RecipeError(
+            f"{where}: activations are quantized with static per-tensor scales; "
+            f"granularity {spec.granularity!r} is not supported (use 'tensor')"
+        )
+
+
+def _check_keys(data: Mapping[str, Any], cls: type, where: str) -> None:
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"{where} must be a mapping of fields, got {type(data).__name__}")
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise RecipeError(f"{where}: unknown key(s) {unknown}; allowed keys are {allowed}")
+
+
+# Weights: symmetric per-output-channel is what int8 GEMM / conv kernels take (zero point 0 keeps the
+# epilogue a single multiply). 4-bit weights need finer scales: groups of 128 input features and an Lp
+# range search, which clips rare outliers instead of spending the 16 levels on them (Q-Diffusion, Q-DiT).
+_W8 = TensorSpec(bits=8, symmetric=True, granularity="channel", observer="minmax")
+_W4 = TensorSpec(bits=4, symmetric=True, granularity="group", group_size=128, observer="mse")
+# Activations: asymmetric per-tensor, because SiLU/GELU outputs are one-sided; the Lp search keeps
+# resolution for the bulk of the values where min-max would spend it on a few outliers.
+_A8 = TensorSpec(bits=8, symmetric=False, granularity="tensor", observer="mse")
+_A8_MINMAX = TensorSpec(bits=8, symmetric=False, granularity="tensor", observer="minmax")
+
+PRESETS: Mapping[str, Recipe] = MappingProxyType(
+    {
+        "w8a8": Recipe(name="w8a8", weights=_W8, activations=_A8),
+        "w8a8-minmax": Recipe(name="w8a8-minmax", weights=_W8, activations=_A8_MINMAX),
+        "w4a8": Recipe(name="w4a8", weights=_W4, activations=_A8),
+        "w8a16": Recipe(name="w8a16", weights=_W8, activations=None),
+        "w4a16": Recipe(name="w4a16", weights=_W4, activations=None),
+    }
+)
+
+
+def load_recipe(recipe: str | Path | Recipe) -> Recipe:
+    """A preset name, a path to a ``.json`` / ``.yaml`` / ``.yml`` recipe file, or a Recipe (returned as is)."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    text = str(recipe)
+    if text.lower() in PRESETS:
+        return PRESETS[text.lower()]
+    path = Path(text)
+    if path.suffix.lower() not in (".json", ".yaml", ".yml"):
+        raise RecipeError(
+            f"unknown recipe {text!r}: use a preset ({', '.join(PRESETS)}) or a .json/.yaml recipe file"
+        )
+    if not path.is_file():
+        raise RecipeError(f"recipe file {text!r} does not exist")
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(path.read_text())
+        else:
+            import yaml
+
+            data = yaml.safe_load(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RecipeError(f"recipe file {text!r} is not valid JSON: {error}") from None
+    except Exception as error:  # yaml.YAMLError and friends
+        raise RecipeError(f"recipe file {text!r} could not be parsed: {error}") from None
+    return Recipe.from_dict(data)

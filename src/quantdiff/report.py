@@ -1,0 +1,199 @@
+"""``quantdiff inspect``: the per-layer plan and the denoiser's size in fp32, fp16 and quantized bytes.
+
+Sizes are measured, never estimated from bit counts: for a quantized folder they are the byte sizes of
+the tensors actually stored in its safetensors file (read from the header, no weights loaded); for a
+plain pipeline folder with ``--recipe`` they are the sizes of the tensors the quantized modules would
+hold, taken from a skeleton built on the meta device (again no weights loaded).
+
+JSON schema (``inspect --json``)::
+
+    {
+      "path": str,
+      "quantized": bool,          # a quantized folder (false: a pipeline folder, possibly with a dry-run recipe)
+      "recipe": str | null, "label": "W8A8" | null,
+      "architecture": str, "denoiser_class": str,
+      "layers": [   # every Linear / Conv2d of the denoiser, in module order
+        {"name": str, "type": "Linear" | "Conv2d", "shape": [int, ...],
+         "weights": "int8 sym channel minmax" | null,   # null = kept in floating point
+         "activations": "int8 asym tensor mse" | null,
+         "params": int,           # weight + bias elements
+         "fp32_bytes": int,       # the layer's size in fp32
+         "stored_bytes": int,     # what it takes quantized (integer weight, scales, bias)
+         "reason": str}
+      ],
+      "totals": {"layers": int, "quantized_layers": int, "params": int,
+                 "fp32_bytes": int, "fp16_bytes": int, "stored_bytes": int,
+                 "ratio_vs_fp32": float, "ratio_vs_fp16": float}
+    }
+
+``totals`` cover the whole denoiser (norms, embeddings and layers kept in floating point included);
+``stored_bytes`` is the size of the quantized denoiser as stored and held in memory.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from quantdiff.plan import QuantPlan
+from quantdiff.recipe import Recipe
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def report_quantized_folder(path: str | os.PathLike) -> dict[str, Any]:
+    """Report of a folder written by ``save_quantized``."""
+    from quantdiff.serialization import read_quantized_folder
+
+    folder = read_quantized_folder(path)
+    tensors: dict[str, tuple[tuple[int, ...], int, bool]] = {}
+    with safe_open(folder.weights_path, framework="pt") as handle:
+        for name in handle.keys():
+            view = handle.get_slice(name)
+            dtype = view.get_dtype()
+            tensors[name] = (tuple(view.get_shape()), _DTYPE_BYTES[dtype], dtype.startswith(("F", "BF")))
+    info = folder.info
+    return _report(str(folder.path), True, info.plan, info.recipe, info.architecture.name, folder.denoiser_class, tensors)
+
+
+def report_pipeline_folder(path: str | os.PathLike, recipe: Recipe | str | None = None) -> dict[str, Any]:
+    """Report of a plain pipeline folder: its denoiser in floating point, or as ``recipe`` would make it."""
+    import diffusers
+
+    from quantdiff.pipelines.loading import read_pipeline_folder
+    from quantdiff.plan import resolve_plan
+    from quantdiff.quantize import build_skeleton
+    from quantdiff.recipe import load_recipe
+
+    folder = read_pipeline_folder(path)
+    cls = getattr(diffusers, folder.denoiser_class)
+    with torch.device("meta"):
+        denoiser = cls.from_config(cls.load_config(folder.path / folder.denoiser_component))
+    plan = None
+    if recipe is not None:
+        recipe = load_recipe(recipe)
+        plan = resolve_plan(denoiser, recipe, folder.architecture)
+        build_skeleton(denoiser, plan)
+    else:
+        from quantdiff.recipe import PRESETS
+
+        # No recipe: list the layers as all floating point.
+        plan = resolve_plan(denoiser, PRESETS["w8a16"], folder.architecture)
+        plan = QuantPlan(tuple(_as_float(layer) for layer in plan))
+    tensors = {
+        name: (tuple(t.shape), t.element_size(), t.is_floating_point())
+        for name, t in list(denoiser.named_parameters()) + list(denoiser.named_buffers())
+    }
+    return _report(str(folder.path), False, plan, recipe, folder.architecture.name, folder.denoiser_class, tensors)
+
+
+def _as_float(layer):
+    from dataclasses import replace
+
+    return replace(layer, weights=None, activations=None, reason="floating point (no recipe given)")
+
+
+def _report(path, quantized: bool, plan: QuantPlan, recipe, architecture, denoiser_class, tensors) -> dict[str, Any]:
+    quantized_names = {layer.name for layer in plan.quantized}
+    layers = []
+    for layer in plan:
+        own = {name: t for name, t in tensors.items() if name.rpartition(".")[0] == layer.name}
+        params = layer.num_weights + (layer.out_features if layer.has_bias else 0)
+        layers.append(
+            {
+                "name": layer.name,
+                "type": layer.layer_type,
+                "shape": list(layer.weight_shape),
+                "weights": layer.weights.describe() if layer.weights else None,
+                "activations": layer.activations.describe() if layer.activations else None,
+                "params": params,
+                "fp32_bytes": params * 4,
+                "stored_bytes": sum(math.prod(shape) * size for shape, size, _ in own.values()),
+                "reason": layer.reason,
+            }
+        )
+    params = sum(entry["params"] for entry in layers if entry["name"] in quantized_names)
+    params += sum(
+        math.prod(shape)
+        for name, (shape, _, floating) in tensors.items()
+        if floating and name.rpartition(".")[0] not in quantized_names
+    )
+    stored = sum(math.prod(shape) * size for shape, size, _ in tensors.values())
+    totals = {
+        "layers": len(layers),
+        "quantized_layers": len(quantized_names),
+        "params": params,
+        "fp32_bytes": params * 4,
+        "fp16_bytes": params * 2,
+        "stored_bytes": stored,
+        "ratio_vs_fp32": stored / (params * 4) if params else float("nan"),
+        "ratio_vs_fp16": stored / (params * 2) if params else float("nan"),
+    }
+    return {
+        "path": path,
+        "quantized": quantized,
+        "recipe": recipe.name if recipe is not None else None,
+        "label": recipe.label if recipe is not None else None,
+        "architecture": architecture,
+        "denoiser_class": denoiser_class,
+        "layers": layers,
+        "totals": totals,
+    }
+
+
+def format_report(report: dict[str, Any], *, max_layers: int | None = None) -> str:
+    """The report as a plain-text table followed by the totals."""
+    header = ("layer", "type", "shape", "weights", "inputs", "fp32", "stored")
+    rows = [
+        (
+            entry["name"],
+            entry["type"],
+            "x".join(map(str, entry["shape"])),
+            entry["weights"] or "fp32",
+            entry["activations"] or "fp",
+            _bytes(entry["fp32_bytes"]),
+            _bytes(entry["stored_bytes"]),
+        )
+        for entry in report["layers"]
+    ]
+    hidden = 0
+    if max_layers is not None and len(rows) > max_layers:
+        hidden = len(rows) - max_layers
+        rows = rows[:max_layers]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    if hidden:
+        lines.append(f"... {hidden} more layers (inspect --json lists all)")
+    return "\n".join([*lines, "", format_totals(report)])
+
+
+def format_totals(report: dict[str, Any]) -> str:
+    """The report's totals: layer counts, parameters and the denoiser size in fp32 / fp16 / stored bytes."""
+    totals = report["totals"]
+    title = f"{report['denoiser_class']} ({report['architecture']})"
+    if report["recipe"]:
+        title += f", recipe {report['recipe']} ({report['label']})"
+    lines = [
+        title,
+        f"layers: {totals['quantized_layers']} of {totals['layers']} Linear/Conv2d quantized",
+        f"parameters: {totals['params']:,}",
+        f"denoiser size: fp32 {_bytes(totals['fp32_bytes'])}, fp16 {_bytes(totals['fp16_bytes'])}, "
+        f"stored {_bytes(totals['stored_bytes'])} "
+        f"({totals['ratio_vs_fp32']:.3f}x of fp32, {totals['ratio_vs_fp16']:.3f}x of fp16)",
+    ]
+    return "\n".join(lines)
+
+
+def _bytes(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    return str(count)
+

@@ -1,0 +1,288 @@
+"""The quantized-model folder: save, read, load.
+
+Layout::
+
+    q/
+      quantdiff.json                      # see below
+      unet/config.json                    # the denoiser's diffusers config (or transformer/)
+      unet/quantized.safetensors          # every tensor of the quantized denoiser
+      [model_index.json, vae/, text_encoder/, ...]   # only with copy_components=True
+
+``quantdiff.json`` holds ``quant_method`` ("quantdiff"), ``format_version``, ``quantdiff_version``, the
+base pipeline (``path``, ``pipeline_class``, ``components_hash`` over its JSON files), the denoiser
+(``component``, ``class``, ``architecture``, ``config_hash``), the ``recipe``, the resolved per-layer
+``plan`` and the ``calibration`` settings. Components other than the denoiser are referenced from the
+base folder, not copied, unless ``copy_components`` makes the folder self-contained (``base.path`` is
+then ``"."``).
+
+In ``quantized.safetensors`` a quantized layer ``L`` stores ``L.weight_q`` (int8/uint8, or two 4-bit
+values per uint8), ``L.weight_scale``, ``L.weight_zero_point`` (asymmetric weights only),
+``L.input_scale`` / ``L.input_zero_point`` (quantized inputs only) and ``L.bias``; every other tensor of
+the denoiser is stored under its own name, in its own dtype.
+
+Loading builds the denoiser's skeleton on the meta device from its config, swaps in empty quantized
+modules per the plan, and assigns the stored tensors; there is no pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from quantdiff.version import __version__
+from quantdiff.atomic import atomic_directory
+from quantdiff.errors import FormatError
+from quantdiff.pipelines.architectures import ARCHITECTURES
+from quantdiff.pipelines.loading import (
+    component_configs_hash,
+    config_hash,
+    denoiser_of,
+    load_pipeline,
+    read_pipeline_folder,
+)
+from quantdiff.plan import QuantPlan
+from quantdiff.quantize import INFO_ATTRIBUTE, QuantizationInfo, build_skeleton, quantization_info
+from quantdiff.recipe import Recipe
+
+QUANT_METHOD = "quantdiff"
+FORMAT_VERSION = 1
+CONFIG_NAME = "quantdiff.json"
+WEIGHTS_NAME = "quantized.safetensors"
+
+
+@dataclass(frozen=True)
+class QuantizedFolder:
+    """A quantized folder's ``quantdiff.json``, parsed and checked (no tensors loaded).
+
+    Attributes:
+        path: the folder.
+        config: the raw JSON.
+        info: recipe, plan, calibration settings and architecture.
+        base_path: the base pipeline folder the other components come from.
+        component: ``unet`` or ``transformer``.
+        denoiser_class: diffusers class name of the denoiser.
+    """
+
+    path: Path
+    config: dict[str, Any]
+    info: QuantizationInfo
+    base_path: Path
+    component: str
+    denoiser_class: str
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path / self.component / WEIGHTS_NAME
+
+
+def is_quantized_folder(path: str | os.PathLike) -> bool:
+    return (Path(path) / CONFIG_NAME).is_file()
+
+
+def save_quantized(
+    pipe,
+    out: str | os.PathLike,
+    *,
+    base_path: str | os.PathLike | None = None,
+    copy_components: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Write a pipeline's quantized denoiser to ``out`` (atomically).
+
+    Args:
+        pipe: a pipeline whose denoiser went through ``quantize_denoiser``.
+        out: output folder; must not exist unless ``overwrite``.
+        base_path: the pipeline folder ``pipe`` was loaded from (default: ``pipe.name_or_path``).
+        copy_components: also copy the other components and ``model_index.json``, so the output works
+            without the base folder.
+        overwrite: replace an existing ``out``.
+    """
+    component, denoiser = denoiser_of(pipe)
+    info = quantization_info(denoiser)
+    if info is None:
+        raise FormatError("the pipeline's denoiser is not quantized: run quantize_denoiser first")
+    base = read_pipeline_folder(base_path or getattr(pipe, "name_or_path", None) or "")
+    if config_hash(base.denoiser_config) != config_hash(denoiser.config):
+        raise FormatError(f"the denoiser does not come from the base folder '{base.path}' (its config differs)")
+    config = {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "quantdiff_version": __version__,
+        "base": {
+            "path": "." if copy_components else str(base.path),
+            "original_path": str(base.path),
+            "pipeline_class": base.pipeline_class,
+            "components_hash": component_configs_hash(base.path),
+        },
+        "denoiser": {
+            "component": component,
+            "class": type(denoiser).__name__,
+            "architecture": info.architecture.name,
+            "config_hash": config_hash(denoiser.config),
+        },
+        "recipe": info.recipe.to_dict(),
+        "calibration": None if info.calibration is None else dict(info.calibration),
+        "plan": info.plan.to_dict(),
+    }
+    with atomic_directory(out, overwrite=overwrite) as staging:
+        if copy_components:
+            for entry in base.path.iterdir():
+                if entry.name != component and not entry.name.startswith("."):
+                    (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, staging / entry.name)
+        (staging / component).mkdir()
+        shutil.copy2(base.path / component / "config.json", staging / component / "config.json")
+        tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in _all_tensors(denoiser).items()}
+        save_file(tensors, staging / component / WEIGHTS_NAME, metadata={"format": QUANT_METHOD})
+        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=1))
+    return Path(out)
+
+
+def read_quantized_folder(path: str | os.PathLike) -> QuantizedFolder:
+    """Parse and check ``quantdiff.json`` of a quantized folder."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise FormatError(f"quantized folder '{path}' does not exist")
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise FormatError(f"'{path}' is not a quantdiff folder: it has no {CONFIG_NAME}")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise FormatError(f"{config_path} is not readable JSON ({error}): re-run quantize") from None
+    if not isinstance(config, dict) or config.get("quant_method") != QUANT_METHOD:
+        raise FormatError(f"{config_path} was not written by quantdiff (quant_method != 'quantdiff')")
+    version = config.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise FormatError(f"{config_path} has an invalid format_version {version!r}")
+    if version > FORMAT_VERSION:
+        raise FormatError(
+            f"'{path}' was written in quantdiff format version {version} by quantdiff "
+            f"{config.get('quantdiff_version')}; this quantdiff ({__version__}) reads up to version "
+            f"{FORMAT_VERSION}: upgrade quantdiff"
+        )
+    try:
+        denoiser = config["denoiser"]
+        info = QuantizationInfo(
+            architecture=ARCHITECTURES[denoiser["architecture"]],
+            recipe=Recipe.from_dict(config["recipe"]),
+            plan=QuantPlan.from_dict(config["plan"]),
+            calibration=config.get("calibration"),
+        )
+        base_path = Path(config["base"]["path"])
+        component, denoiser_class = denoiser["component"], denoiser["class"]
+    except (KeyError, TypeError) as error:
+        raise FormatError(f"{config_path} is missing {error}: the folder is damaged, re-run quantize") from None
+    if not base_path.is_absolute():
+        base_path = (folder / base_path).resolve()
+    return QuantizedFolder(folder.resolve(), config, info, base_path, component, denoiser_class)
+
+
+def load_quantized_denoiser(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the quantized denoiser stored in ``path``; the base folder is not needed."""
+    import diffusers
+
+    folder = read_quantized_folder(path)
+    denoiser_config_path = folder.path / folder.component / "config.json"
+    if not denoiser_config_path.is_file():
+        raise FormatError(f"'{path}' is missing {folder.component}/config.json: re-run quantize")
+    cls = getattr(diffusers, folder.denoiser_class, None)
+    if cls is None:
+        raise FormatError(f"diffusers has no class {folder.denoiser_class!r}: upgrade diffusers")
+    model_config = cls.load_config(denoiser_config_path.parent)
+    if config_hash(model_config) != folder.config["denoiser"]["config_hash"]:
+        raise FormatError(f"{denoiser_config_path} was changed after quantization: re-run quantize")
+    tensors = _read_tensors(folder.weights_path)
+    with torch.device("meta"):
+        denoiser = cls.from_config(model_config)
+    build_skeleton(denoiser, folder.info.plan)
+    _assign(denoiser, tensors, folder.weights_path)
+    denoiser.eval().requires_grad_(False)
+    setattr(denoiser, INFO_ATTRIBUTE, folder.info)
+    return denoiser.to(device)
+
+
+def load_quantized_pipeline(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    torch_dtype: torch.dtype = torch.float32,
+    **components: Any,
+):
+    """Load the full pipeline of a quantized folder: its denoiser plus the base folder's other components.
+
+    ``torch_dtype`` applies to the floating-point tensors (other components, and the denoiser's biases,
+    norms and unquantized layers); integer weights stay integer.
+    """
+    folder = read_quantized_folder(path)
+    if not (folder.base_path / "model_index.json").is_file():
+        raise FormatError(
+            f"the base pipeline folder '{folder.base_path}' recorded in {folder.path / CONFIG_NAME} is gone: "
+            "move it back, or quantize again with --copy-components for a self-contained folder"
+        )
+    if component_configs_hash(folder.base_path) != folder.config["base"].get("components_hash"):
+        warnings.warn(
+            f"the base pipeline folder '{folder.base_path}' changed since quantization "
+            "(its component configs differ); images may not match the quantized model's evaluation",
+            stacklevel=2,
+        )
+    denoiser = load_quantized_denoiser(folder.path, device=device)
+    if torch_dtype != torch.float32:
+        denoiser = denoiser.to(torch_dtype)
+    return load_pipeline(
+        folder.base_path, device=device, torch_dtype=torch_dtype, **{folder.component: denoiser}, **components
+    )
+
+
+def _all_tensors(module: nn.Module) -> dict[str, Tensor]:
+    """Parameters and *all* buffers, non-persistent ones included, so loading needs no re-initialisation."""
+    tensors = dict(module.named_parameters())
+    tensors.update(module.named_buffers())
+    return tensors
+
+
+def _read_tensors(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise FormatError(f"'{path}' is missing: the quantized folder is incomplete, re-run quantize")
+    try:
+        with safe_open(path, framework="pt") as handle:
+            if (handle.metadata() or {}).get("format") != QUANT_METHOD:
+                raise FormatError(f"'{path}' was not written by quantdiff")
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise FormatError(f"'{path}' is corrupt or truncated ({error}): re-run quantize") from None
+
+
+def _assign(model: nn.Module, tensors: dict[str, Tensor], source: Path) -> None:
+    """Put stored tensors into a meta skeleton, checking that names and shapes match exactly."""
+    expected = _all_tensors(model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise FormatError(
+            f"'{source}' does not match its plan: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}; re-run quantize"
+        )
+    for name, tensor in tensors.items():
+        slot = expected[name]
+        # Float tensors may be stored in another float dtype (a pipeline loaded in fp16); integer ones may not.
+        if tuple(slot.shape) != tuple(tensor.shape) or slot.is_floating_point() != tensor.is_floating_point():
+            raise FormatError(
+                f"'{source}': tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, the model expects "
+                f"{tuple(slot.shape)} {slot.dtype}; re-run quantize"
+            )
+        owner_name, _, attribute = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if attribute in owner._parameters:
+            owner._parameters[attribute] = nn.Parameter(tensor, requires_grad=False)
+        else:
+            owner._buffers[attribute] = tensor
