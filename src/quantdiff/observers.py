@@ -279,6 +279,11 @@ class _SampledObserver(Observer):
     def _observe(self, x: Tensor, batch_min: Tensor, batch_max: Tensor) -> None:
         # float64 keys: 53 random bits make ties at the cut-off practically impossible on long streams.
         keys = torch.rand(x.shape[1], generator=self._generator, dtype=torch.float64).to(x.device)  # (N,)
+        if self._keys is not None and self._keys.numel() == self.max_samples:
+            # A full pool only admits columns whose key beats its largest one: drop the rest before
+            # concatenating, which keeps late, large batches cheap (same sample, far less copying).
+            admitted = keys < self._keys.max()
+            x, keys = x[:, admitted], keys[admitted]  # (R, n), (n,)
         if self._sample is None:
             pool, pool_keys = x, keys  # (R, N), (N,)
         else:

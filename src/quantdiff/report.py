@@ -36,7 +36,6 @@ import math
 import os
 from typing import Any
 
-import torch
 from safetensors import safe_open
 
 from quantdiff.plan import QuantPlan
@@ -62,17 +61,13 @@ def report_quantized_folder(path: str | os.PathLike) -> dict[str, Any]:
 
 def report_pipeline_folder(path: str | os.PathLike, recipe: Recipe | str | None = None) -> dict[str, Any]:
     """Report of a plain pipeline folder: its denoiser in floating point, or as ``recipe`` would make it."""
-    import diffusers
-
     from quantdiff.pipelines.loading import read_pipeline_folder
     from quantdiff.plan import resolve_plan
     from quantdiff.quantize import build_skeleton
     from quantdiff.recipe import load_recipe
 
     folder = read_pipeline_folder(path)
-    cls = getattr(diffusers, folder.denoiser_class)
-    with torch.device("meta"):
-        denoiser = cls.from_config(cls.load_config(folder.path / folder.denoiser_component))
+    denoiser = folder.denoiser_skeleton()
     plan = None
     if recipe is not None:
         recipe = load_recipe(recipe)

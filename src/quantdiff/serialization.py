@@ -90,29 +90,37 @@ def is_quantized_folder(path: str | os.PathLike) -> bool:
 
 
 def save_quantized(
-    pipe,
+    model,
     out: str | os.PathLike,
     *,
     base_path: str | os.PathLike | None = None,
     copy_components: bool = False,
     overwrite: bool = False,
 ) -> Path:
-    """Write a pipeline's quantized denoiser to ``out`` (atomically).
+    """Write a quantized denoiser to ``out`` (atomically).
 
     Args:
-        pipe: a pipeline whose denoiser went through ``quantize_denoiser``.
+        model: a pipeline whose denoiser went through ``quantize_denoiser``, or that denoiser itself.
         out: output folder; must not exist unless ``overwrite``.
-        base_path: the pipeline folder ``pipe`` was loaded from (default: ``pipe.name_or_path``).
+        base_path: the pipeline folder the denoiser was loaded from (default for a pipeline:
+            ``pipe.name_or_path``; required for a bare denoiser).
         copy_components: also copy the other components and ``model_index.json``, so the output works
             without the base folder.
         overwrite: replace an existing ``out``.
     """
-    component, denoiser = denoiser_of(pipe)
+    if isinstance(model, nn.Module):
+        if base_path is None:
+            raise FormatError("saving a bare denoiser needs base_path: the pipeline folder it came from")
+        denoiser = model
+        base = read_pipeline_folder(base_path)
+        component = base.denoiser_component
+    else:
+        component, denoiser = denoiser_of(model)
+        base = read_pipeline_folder(base_path or getattr(model, "name_or_path", None) or "")
     info = quantization_info(denoiser)
     if info is None:
-        raise FormatError("the pipeline's denoiser is not quantized: run quantize_denoiser first")
-    base = read_pipeline_folder(base_path or getattr(pipe, "name_or_path", None) or "")
-    if config_hash(base.denoiser_config) != config_hash(denoiser.config):
+        raise FormatError("the denoiser is not quantized: run quantize_denoiser first")
+    if base.denoiser_config_hash() != config_hash(denoiser.config):
         raise FormatError(f"the denoiser does not come from the base folder '{base.path}' (its config differs)")
     config = {
         "quant_method": QUANT_METHOD,
@@ -198,12 +206,11 @@ def load_quantized_denoiser(path: str | os.PathLike, *, device: str | torch.devi
     cls = getattr(diffusers, folder.denoiser_class, None)
     if cls is None:
         raise FormatError(f"diffusers has no class {folder.denoiser_class!r}: upgrade diffusers")
-    model_config = cls.load_config(denoiser_config_path.parent)
-    if config_hash(model_config) != folder.config["denoiser"]["config_hash"]:
+    with torch.device("meta"):
+        denoiser = cls.from_config(cls.load_config(denoiser_config_path.parent))
+    if config_hash(denoiser.config) != folder.config["denoiser"]["config_hash"]:
         raise FormatError(f"{denoiser_config_path} was changed after quantization: re-run quantize")
     tensors = _read_tensors(folder.weights_path)
-    with torch.device("meta"):
-        denoiser = cls.from_config(model_config)
     build_skeleton(denoiser, folder.info.plan)
     _assign(denoiser, tensors, folder.weights_path)
     denoiser.eval().requires_grad_(False)

@@ -2,10 +2,10 @@
 
 ``convert`` swaps every planned ``nn.Linear`` / ``nn.Conv2d`` for one of these. They hold
 
-* ``weight_q``: the integer weight, ``(C_out, N)`` int8 (symmetric) or uint8 (asymmetric), or for 4 bits
-  and fewer ``(C_out, ceil(N / 2))`` uint8 with two values per byte; ``N`` is the reduction size ``K``
-  (``in`` for Linear, ``in/groups * kh * kw`` for Conv2d), padded up to a whole number of groups for
-  group-wise weights;
+* ``weight_q``: the integer weight, ``(C_out, K)`` int8 (symmetric) or uint8 (asymmetric), or for 4 bits
+  and fewer ``(C_out, ceil(K / 2))`` uint8 with two values per byte; ``K`` is the reduction size
+  (``in`` for Linear, ``in/groups * kh * kw`` for Conv2d). A last partial group is padded only while
+  computing, never stored;
 * ``weight_scale`` ``(C_out, G)`` float32 and, for asymmetric weights, ``weight_zero_point`` ``(C_out, G)``
   int32, where ``G`` is 1 (per channel), ``ceil(K / group_size)`` (per group), and the first dimension is
   1 for a per-tensor scale;
@@ -40,11 +40,7 @@ from quantdiff.recipe import TensorSpec
 
 
 def weight_layout(spec: TensorSpec, c_out: int, k: int) -> tuple[int, int]:
-    """``(rows of scales, groups per row)`` and, implicitly, the padded reduction size ``G * group``.
-
-    Returns:
-        ``(scale_rows, groups)``: the shape of ``weight_scale``.
-    """
+    """The shape of ``weight_scale``: ``(rows of scales, groups per row)``."""
     if spec.granularity == "tensor":
         return 1, 1
     if spec.granularity == "channel":
@@ -52,8 +48,8 @@ def weight_layout(spec: TensorSpec, c_out: int, k: int) -> tuple[int, int]:
     return c_out, math.ceil(k / spec.group_size)
 
 
-def stored_reduction_size(spec: TensorSpec, k: int) -> int:
-    """Reduction size ``N`` as stored: ``K`` rounded up to whole groups for group-wise specs."""
+def padded_reduction_size(spec: TensorSpec, k: int) -> int:
+    """``K`` rounded up to whole groups for group-wise specs (the layout scales are computed on)."""
     if spec.granularity == "group":
         return math.ceil(k / spec.group_size) * spec.group_size
     return k
@@ -84,9 +80,9 @@ def quantize_weight(weight: Tensor, spec: TensorSpec) -> tuple[Tensor, Tensor, T
     scale, zero_point = observer.qparams()  # (R,), (R,)
     q = quantize(rows, scale[:, None], zero_point[:, None], spec.bits, spec.symmetric)
     scale_rows, groups = weight_layout(spec, c_out, k)
-    q = q.reshape(c_out, stored_reduction_size(spec, k))  # (C_out, N)
+    q = q.reshape(c_out, padded_reduction_size(spec, k))[:, :k]  # (C_out, K): padding is not stored
     if spec.packed:
-        q = pack_int4(q)  # (C_out, ceil(N/2))
+        q = pack_int4(q)  # (C_out, ceil(K/2))
     scale = scale.reshape(scale_rows, groups).contiguous()
     zero_point = None if spec.symmetric else zero_point.reshape(scale_rows, groups).to(torch.int32).contiguous()
     return q.contiguous(), scale, zero_point
@@ -98,8 +94,10 @@ def dequantize_weight(
     """Float32 weight of ``shape`` from its stored form (inverse of :func:`quantize_weight` up to rounding)."""
     c_out = shape[0]
     k = math.prod(shape[1:])
-    n = stored_reduction_size(spec, k)
-    q = unpack_int4(weight_q, n, signed=spec.symmetric) if spec.packed else weight_q  # (C_out, N)
+    n = padded_reduction_size(spec, k)
+    q = unpack_int4(weight_q, k, signed=spec.symmetric) if spec.packed else weight_q  # (C_out, K)
+    if n > k:
+        q = F.pad(q, (0, n - k))  # (C_out, N): whole groups again; the padding is dropped below
     groups = weight_scale.shape[1]
     q = q.reshape(c_out, groups, n // groups)  # (C_out, G, group)
     if weight_zero_point is None:
@@ -127,8 +125,7 @@ class QuantizedLayer(nn.Module):
         self.input_spec = activations
         c_out = weight_shape[0]
         k = math.prod(weight_shape[1:])
-        n = stored_reduction_size(weights, k)
-        storage = (c_out, math.ceil(n / 2)) if weights.packed else (c_out, n)
+        storage = (c_out, math.ceil(k / 2)) if weights.packed else (c_out, k)
         storage_dtype = torch.int8 if weights.symmetric and not weights.packed else torch.uint8
         scale_shape = weight_layout(weights, c_out, k)
         self.register_buffer("weight_q", torch.zeros(storage, dtype=storage_dtype, device=device))

@@ -47,6 +47,18 @@ class PipelineFolder:
     def denoiser_class(self) -> str:
         return self.architecture.denoiser_class
 
+    def denoiser_skeleton(self) -> nn.Module:
+        """The denoiser built from its config on the meta device: shapes and full config, no weights."""
+        import diffusers
+
+        cls = getattr(diffusers, self.denoiser_class)
+        with torch.device("meta"):
+            return cls.from_config(cls.load_config(self.path / self.denoiser_component))
+
+    def denoiser_config_hash(self) -> str:
+        """:func:`config_hash` of the denoiser's config with every default filled in, as a loaded model has it."""
+        return config_hash(self.denoiser_skeleton().config)
+
 
 def read_pipeline_folder(path: str | os.PathLike) -> PipelineFolder:
     """Validate that ``path`` is a diffusers text-to-image pipeline folder quantdiff supports."""
@@ -111,9 +123,12 @@ def load_pipeline(
     from diffusers import DiffusionPipeline
 
     folder = read_pipeline_folder(path)
+    # Components saved as [null, null] (e.g. SD3 without T5) must be passed as None explicitly, or
+    # pipelines that do not list them as optional refuse to load.
+    absent = {name: None for name, entry in folder.components.items() if entry is None}
     try:
         pipe = DiffusionPipeline.from_pretrained(
-            folder.path, local_files_only=True, dtype=torch_dtype, **components
+            folder.path, local_files_only=True, dtype=torch_dtype, **{**absent, **components}
         )
     except (OSError, ValueError, EnvironmentError) as error:
         raise PipelineError(f"could not load the pipeline in '{path}': {_first_line(error)}") from None

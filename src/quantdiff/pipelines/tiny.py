@@ -140,7 +140,8 @@ def save_tiny_pipeline(
 
 
 # --------------------------------------------------------------------------------------------------
-# Pipelines: one builder per architecture, assembling the component builders below.
+# Pipelines: one builder per architecture, assembling the component builders below. Components are
+# built (and so draw from the seeded RNG) in the order they appear.
 
 
 def _build_sd15() -> StableDiffusionPipeline:
@@ -174,30 +175,32 @@ def _build_sdxl() -> StableDiffusionXLPipeline:
 
 def _build_sd3(*, with_t5: bool) -> StableDiffusion3Pipeline:
     tokenizer, tokenizer_2 = _clip_tokenizer(), _clip_tokenizer()
-    pipeline = StableDiffusion3Pipeline(
-        transformer=_tiny_transformer_sd3(),
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
-        # SD3's VAE: 16 latent channels, no quant convs, and latents normalised by shift *and* scale.
-        vae=_tiny_vae(
-            block_out_channels=(16, 32, 32),
-            latent_channels=16,
-            scaling_factor=1.5305,
-            shift_factor=0.0609,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        ),
-        text_encoder=_clip_text_encoder(tokenizer, hidden_size=32, projection_dim=32),
-        tokenizer=tokenizer,
-        text_encoder_2=_clip_text_encoder(tokenizer_2, hidden_size=32, projection_dim=32),
-        tokenizer_2=tokenizer_2,
-        text_encoder_3=None,
-        tokenizer_3=None,
+    transformer = _tiny_transformer_sd3()
+    # SD3's VAE: 16 latent channels, no quant convs, and latents normalised by a shift *and* a scale.
+    vae = _tiny_vae(
+        block_out_channels=(16, 32, 32),
+        latent_channels=16,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
     )
-    if with_t5:
-        # Built last, so that with_t5=False leaves every other component's random weights unchanged.
-        tokenizer_3 = _t5_tokenizer()
-        pipeline.register_modules(text_encoder_3=_t5_text_encoder(tokenizer_3), tokenizer_3=tokenizer_3)
-    return pipeline
+    text_encoder = _clip_text_encoder(tokenizer, hidden_size=32, projection_dim=32)
+    text_encoder_2 = _clip_text_encoder(tokenizer_2, hidden_size=32, projection_dim=32)
+    # T5 last, so that with_t5=False leaves the random weights of everything else unchanged.
+    tokenizer_3 = _t5_tokenizer() if with_t5 else None
+    text_encoder_3 = _t5_text_encoder(tokenizer_3) if tokenizer_3 is not None else None
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
 
 
 def _build_pixart() -> PixArtAlphaPipeline:
@@ -221,7 +224,8 @@ _BUILDERS: Mapping[str, Callable[..., DiffusionPipeline]] = MappingProxyType(
 
 def _builder(arch: str) -> Callable[..., DiffusionPipeline]:
     if arch not in _BUILDERS:
-        raise ValueError(f"unknown tiny architecture {arch!r}; valid ones are {', '.join(TINY_ARCHITECTURES)}")
+        valid = ", ".join(TINY_ARCHITECTURES)
+        raise ValueError(f"unknown tiny architecture {arch!r}; valid ones are {valid}")
     return _BUILDERS[arch]
 
 
@@ -287,14 +291,14 @@ def _tiny_transformer_sd3() -> SD3Transformer2DModel:
         joint_attention_dim=_T5_D_MODEL,  # T5 tokens, and the CLIP tokens zero-padded to the same width
         caption_projection_dim=64,  # must equal the inner dim: text tokens join the image attention
         pooled_projection_dim=32 + 32,  # both CLIP projections, concatenated
-        pos_embed_max_size=32,  # position table is cropped at run time: room for up to 32x32 patches
+        pos_embed_max_size=32,  # the position table is cropped to the input: up to 256x256 images
     )
 
 
 def _tiny_transformer_pixart() -> PixArtTransformer2DModel:
     return PixArtTransformer2DModel(
-        # The pipeline's aspect-ratio binning only knows sample sizes 32, 64 and 128; 32 is the
-        # 256-pixel table and also disables the resolution/aspect-ratio conditioning (like PixArt-256).
+        # The pipeline's aspect-ratio binning only knows sample sizes 32, 64 and 128 (the 256, 512 and
+        # 1024 pixel tables). 32 also means no resolution/aspect-ratio micro-conditioning: only 128 has it.
         sample_size=32,
         patch_size=2,
         in_channels=4,
@@ -311,8 +315,11 @@ def _tiny_transformer_pixart() -> PixArtTransformer2DModel:
 # VAE and schedulers
 
 
-def _tiny_vae(*, block_out_channels: tuple[int, ...], latent_channels: int, **latent_scaling) -> AutoencoderKL:
-    """A VAE that downsamples by ``2 ** (len(block_out_channels) - 1)``, the pipelines' vae_scale_factor."""
+def _tiny_vae(*, block_out_channels: tuple[int, ...], latent_channels: int, **extra_config) -> AutoencoderKL:
+    """A VAE that downsamples by ``2 ** (len(block_out_channels) - 1)``, the pipelines' vae_scale_factor.
+
+    ``extra_config`` holds the latent normalisation (``scaling_factor``, ``shift_factor``) and the like.
+    """
     depth = len(block_out_channels)
     return AutoencoderKL(
         in_channels=3,
@@ -323,13 +330,14 @@ def _tiny_vae(*, block_out_channels: tuple[int, ...], latent_channels: int, **la
         layers_per_block=1,
         norm_num_groups=8,
         latent_channels=latent_channels,
-        sample_size=64,
-        **latent_scaling,
+        **extra_config,
     )
 
 
-# The noise schedule of SD 1.x and SDXL.
-_SD_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+# The noise schedule SD 1.x and SDXL were trained with.
+_SD_BETAS = MappingProxyType(
+    {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+)
 
 
 def _ddim_scheduler() -> DDIMScheduler:
@@ -349,6 +357,7 @@ def _dpm_solver_scheduler() -> DPMSolverMultistepScheduler:
 
 # --------------------------------------------------------------------------------------------------
 # Text encoders
+
 
 def _clip_text_encoder(
     tokenizer: CLIPTokenizer, *, hidden_size: int, projection_dim: int | None = None
@@ -407,7 +416,8 @@ def _clip_tokenizer() -> CLIPTokenizer:
     with tempfile.TemporaryDirectory() as folder:
         vocab_file, merges_file = Path(folder, "vocab.json"), Path(folder, "merges.txt")
         vocab_file.write_text(json.dumps({token: i for i, token in enumerate(tokens)}), encoding="utf-8")
-        merges_file.write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+        merges_lines = ["#version: 0.2", *(f"{left} {right}" for left, right in merges)]
+        merges_file.write_text("\n".join(merges_lines) + "\n", encoding="utf-8")
         # Without model_max_length the pipelines' padding="max_length" pads to a huge length.
         return CLIPTokenizer(vocab=str(vocab_file), merges=str(merges_file), model_max_length=77)
 
@@ -417,7 +427,8 @@ def _bytes_to_unicode() -> dict[int, str]:
 
     Printable Latin-1 bytes map to themselves; the others (controls, space, ...) are shifted past 255.
     """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
     shifted = [b for b in range(256) if b not in printable]
     table = {b: chr(b) for b in printable}
     table.update({b: chr(256 + i) for i, b in enumerate(shifted)})
@@ -466,7 +477,10 @@ def _t5_tokenizer() -> T5Tokenizer:
     unigram = Tokenizer(models.Unigram())
     # The pre-tokenization T5Tokenizer itself applies: split on whitespace, mark word starts with "▁".
     unigram.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always"),
+        ]
     )
     trainer = trainers.UnigramTrainer(
         vocab_size=256, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False
@@ -474,6 +488,7 @@ def _t5_tokenizer() -> T5Tokenizer:
     unigram.train_from_iterator(_PROMPT_CORPUS, trainer)
     trained = [(piece, score) for piece, score in json.loads(unigram.to_str())["model"]["vocab"]]
     special, pieces = trained[:3], trained[3:]
+    # model_max_length: T5's own, and the most SD3 accepts as max_sequence_length.
     return T5Tokenizer(vocab=special + _canonical_unigram_pieces(pieces), extra_ids=0, model_max_length=512)
 
 

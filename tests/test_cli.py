@@ -1,0 +1,154 @@
+"""The command line: the full flow, and one clear error with no output left behind for each bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from quantdiff.cli import main
+
+
+def _no_output(parent, name):
+    leftovers = [p.name for p in parent.iterdir() if p.name == name or p.name.startswith(f".{name}.")]
+    return leftovers == []
+
+
+def test_calibrate_quantize_generate_inspect(tiny_folders, tmp_path, capsys):
+    model = tiny_folders["sd15"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox in the snow\n# a comment\n\nportrait of a fisherman\n")
+    assert main(["--quiet", "calibrate", model, "--prompts", str(prompts), "--out", str(tmp_path / "calib"),
+                 "--steps", "4", "--num-timesteps", "2"]) == 0
+    assert "recorded 4 denoiser calls (2 prompts x 2 timesteps" in capsys.readouterr().out
+    assert main(["--quiet", "quantize", model, "--calib", str(tmp_path / "calib"), "--recipe", "w8a8",
+                 "--out", str(tmp_path / "q")]) == 0
+    out = capsys.readouterr().out
+    assert "saved W8A8 (w8a8) quantized denoiser" in out and "stored" in out
+    for name, path in (("fp", model), ("q", str(tmp_path / "q"))):
+        assert main(["--quiet", "generate", path, "--prompt", "a cat wearing a hat", "--seed", "0",
+                     "--steps", "3", "--out", str(tmp_path / f"{name}.png")]) == 0
+    fp, q = Image.open(tmp_path / "fp.png"), Image.open(tmp_path / "q.png")
+    assert fp.size == q.size == (64, 64)
+    assert "Seed: 0" in q.text["parameters"] and "Quantization: W8A8 (w8a8)" in q.text["parameters"]
+    assert "Quantization" not in fp.text["parameters"]
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "q")]) == 0
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].split() == ["layer", "type", "shape", "weights", "inputs", "fp32", "stored"]
+    assert "down_blocks.0.resnets.0.conv1" in table and "int8 sym channel minmax" in table
+    assert "layers: 177 of 181 Linear/Conv2d quantized" in table
+    assert main(["inspect", str(tmp_path / "q"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["quantized"] and report["label"] == "W8A8"
+    totals = report["totals"]
+    assert totals["stored_bytes"] == (tmp_path / "q" / "unet" / "quantized.safetensors").stat().st_size - _header(tmp_path / "q")
+    assert totals["fp32_bytes"] == 4 * totals["params"] and 0.2 < totals["ratio_vs_fp32"] < 0.35
+
+
+def _header(folder):
+    data = (folder / "unet" / "quantized.safetensors").read_bytes()
+    return 8 + int.from_bytes(data[:8], "little")
+
+
+def test_quantize_on_the_fly_and_dry_run_inspect(tiny_folders, tmp_path, capsys):
+    model = tiny_folders["pixart"]
+    assert main(["--quiet", "quantize", model, "--recipe", "w4a8", "--num-prompts", "2", "--steps", "3",
+                 "--num-timesteps", "2", "--mode", "noise", "--out", str(tmp_path / "q")]) == 0
+    config = json.loads((tmp_path / "q" / "quantdiff.json").read_text())
+    assert config["calibration"]["mode"] == "noise" and len(config["calibration"]["prompts"]) == 2
+    capsys.readouterr()
+    assert main(["inspect", model, "--recipe", "w4a8", "--json"]) == 0
+    dry = json.loads(capsys.readouterr().out)
+    assert main(["inspect", str(tmp_path / "q"), "--json"]) == 0
+    real = json.loads(capsys.readouterr().out)
+    assert dry["totals"]["stored_bytes"] == real["totals"]["stored_bytes"] and not dry["quantized"]
+
+
+@pytest.fixture()
+def not_a_pipeline(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "cat.jpg").write_bytes(b"jpeg")
+    return folder
+
+
+def _run_failing(argv, capsys):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_missing_folder(tmp_path, capsys):
+    err = _run_failing(["quantize", str(tmp_path / "nope"), "--out", str(tmp_path / "q")], capsys)
+    assert "model folder" in err and "does not exist" in err
+    assert _no_output(tmp_path, "q")
+
+
+def test_not_a_pipeline(not_a_pipeline, tmp_path, capsys):
+    err = _run_failing(["calibrate", str(not_a_pipeline), "--out", str(tmp_path / "calib")], capsys)
+    assert "is not a diffusers pipeline folder: it has no model_index.json" in err
+    assert _no_output(tmp_path, "calib")
+
+
+def test_unknown_recipe(tiny_folders, tmp_path, capsys):
+    err = _run_failing(["quantize", tiny_folders["sd15"], "--recipe", "w3a7", "--out", str(tmp_path / "q")], capsys)
+    assert "unknown recipe 'w3a7': use a preset (w8a8, w8a8-minmax, w4a8, w8a16, w4a16)" in err
+    assert _no_output(tmp_path, "q")
+
+
+def test_bits_out_of_range(tiny_folders, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: odd\nweights: {bits: 12, symmetric: true, granularity: channel}\nactivations: null\n")
+    err = _run_failing(["quantize", tiny_folders["sd15"], "--recipe", str(recipe), "--out", str(tmp_path / "q")], capsys)
+    assert "bits=12 is out of range: use an integer from 2 to 8" in err
+    assert _no_output(tmp_path, "q")
+
+
+def test_calibration_recorded_on_another_model(tiny_folders, calibration_sets, tmp_path, capsys):
+    calibration_sets["sd15"][0].save(tmp_path / "calib")
+    err = _run_failing(["--quiet", "quantize", tiny_folders["sdxl"], "--calib", str(tmp_path / "calib"),
+                        "--out", str(tmp_path / "q")], capsys)
+    assert "calibration data was recorded on another model" in err and "run `quantdiff calibrate` on this model" in err
+    assert _no_output(tmp_path, "q")
+
+
+@pytest.fixture(scope="module")
+def quantized_folder(tiny_folders, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "q"
+    assert main(["--quiet", "quantize", tiny_folders["sd3"], "--recipe", "w8a16", "--out", str(out)]) == 0
+    return out
+
+
+def test_corrupt_safetensors(quantized_folder, tmp_path, capsys):
+    import shutil
+
+    damaged = shutil.copytree(quantized_folder, tmp_path / "q")
+    weights = damaged / "transformer" / "quantized.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])
+    err = _run_failing(["--quiet", "generate", str(damaged), "--prompt", "x", "--out", str(tmp_path / "x.png")], capsys)
+    assert "corrupt or truncated" in err and "re-run quantize" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_newer_format_version(quantized_folder, tmp_path, capsys):
+    import shutil
+
+    damaged = shutil.copytree(quantized_folder, tmp_path / "q")
+    config = json.loads((damaged / "quantdiff.json").read_text())
+    config["format_version"] = 7
+    (damaged / "quantdiff.json").write_text(json.dumps(config))
+    err = _run_failing(["inspect", str(damaged)], capsys)
+    assert "format version 7" in err and "upgrade quantdiff" in err
+    err = _run_failing(["--quiet", "generate", str(damaged), "--prompt", "x", "--out", str(tmp_path / "x.png")], capsys)
+    assert "upgrade quantdiff" in err and not (tmp_path / "x.png").exists()
+
+
+def test_existing_output_is_not_overwritten(quantized_folder, tiny_folders, capsys):
+    before = (quantized_folder / "quantdiff.json").read_text()
+    err = _run_failing(["quantize", tiny_folders["sd3"], "--recipe", "w8a16", "--out", str(quantized_folder)], capsys)
+    assert "already exists" in err and "--overwrite" in err
+    assert (quantized_folder / "quantdiff.json").read_text() == before

@@ -1,0 +1,85 @@
+"""Plan resolution: every Linear/Conv2d is a candidate; rules apply in the documented order."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from torch import nn
+
+from quantdiff.pipelines.architectures import ARCHITECTURES, architecture_of
+from quantdiff.pipelines.loading import denoiser_of, load_pipeline
+from quantdiff.plan import QuantPlan, resolve_plan
+from quantdiff.recipe import PRESETS, LayerOverride, Recipe
+
+
+@pytest.fixture(scope="module")
+def unet(tiny_folders):
+    return denoiser_of(load_pipeline(tiny_folders["sd15"]))[1]
+
+
+def test_architecture_detection(tiny_folders):
+    expected = {"sd15": "sd15", "sdxl": "sdxl", "sd3": "sd3", "pixart": "pixart"}
+    for arch, folder in tiny_folders.items():
+        assert architecture_of(denoiser_of(load_pipeline(folder))[1]).name == expected[arch]
+
+
+def test_every_linear_and_conv_is_planned(unet):
+    plan = resolve_plan(unet, PRESETS["w8a8"], ARCHITECTURES["sd15"])
+    candidates = [name for name, m in unet.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
+    assert [layer.name for layer in plan] == candidates
+    assert any(layer.layer_type == "Conv2d" and layer.quantized for layer in plan)
+    skipped = {layer.name for layer in plan if not layer.quantized}
+    assert skipped == {"conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"}
+    assert plan["conv_in"].reason.startswith("default ignore: first layer")
+
+
+def test_rule_order_override_then_ignore_then_default(unet):
+    recipe = Recipe(
+        "custom",
+        PRESETS["w8a8"].weights,
+        PRESETS["w8a8"].activations,
+        ignore=("*.attn2.*",),
+        overrides=(
+            LayerOverride("conv_in", weights={"bits": 6}),  # beats the default ignore list
+            LayerOverride("*.attn2.to_q", weights={"bits": 4, "granularity": "group", "group_size": 64}),  # beats ignore
+            LayerOverride("*.ff.net.2", activations=None),
+            LayerOverride("*.ff.*", skip=True),  # never reached for ff.net.2: first match wins
+        ),
+    )
+    plan = resolve_plan(unet, recipe, ARCHITECTURES["sd15"])
+    assert plan["conv_in"].weights.bits == 6 and plan["conv_in"].reason == "override 'conv_in'"
+    to_q = plan["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q"]
+    assert (to_q.weights.bits, to_q.weights.group_size) == (4, 64)
+    assert not plan["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"].quantized
+    ff2 = plan["down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2"]
+    assert ff2.weights.bits == 8 and ff2.activations is None
+    assert not plan["down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj"].quantized
+    assert not plan["conv_out"].quantized
+
+
+def test_default_ignore_can_be_turned_off(unet):
+    recipe = Recipe("all", PRESETS["w8a16"].weights, None, use_default_ignore=False)
+    plan = resolve_plan(unet, recipe, ARCHITECTURES["sd15"])
+    assert all(layer.quantized for layer in plan)
+
+
+def test_unmatched_patterns_warn(unet):
+    recipe = Recipe("typo", PRESETS["w8a16"].weights, None, ignore=("down_block.*",))
+    with pytest.warns(UserWarning, match=r"\['down_block.\*'\] matched no layer"):
+        resolve_plan(unet, recipe, ARCHITECTURES["sd15"])
+
+
+def test_plan_json_round_trip(unet):
+    plan = resolve_plan(unet, PRESETS["w4a8"], ARCHITECTURES["sd15"])
+    assert QuantPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+
+
+@pytest.mark.parametrize("arch", ["sd3", "pixart", "sdxl"])
+def test_default_ignore_lists_match_real_layers(tiny_folders, arch):
+    denoiser = denoiser_of(load_pipeline(tiny_folders[arch]))[1]
+    plan = resolve_plan(denoiser, PRESETS["w8a8"], ARCHITECTURES[arch])
+    skipped = {layer.name for layer in plan if not layer.quantized}
+    for rule in ARCHITECTURES[arch].default_ignore:
+        assert any(__import__("fnmatch").fnmatchcase(name, rule.pattern) for name in skipped), rule.pattern
+    assert len(plan.quantized) > len(skipped)

@@ -1,0 +1,105 @@
+"""Recipes: presets, file formats, validation messages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from quantdiff.errors import RecipeError
+from quantdiff.recipe import PRESETS, LayerOverride, Recipe, TensorSpec, load_recipe
+
+
+def test_presets_have_the_documented_bits():
+    labels = {name: recipe.label for name, recipe in PRESETS.items()}
+    assert labels == {"w8a8": "W8A8", "w8a8-minmax": "W8A8", "w4a8": "W4A8", "w8a16": "W8A16", "w4a16": "W4A16"}
+    assert PRESETS["w4a16"].weights.granularity == "group" and PRESETS["w4a16"].weights.group_size == 128
+    assert PRESETS["w8a16"].activations is None
+    assert PRESETS["w8a8-minmax"].activations.observer == "minmax"
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_recipe_dict_round_trip_is_exact(name):
+    recipe = PRESETS[name]
+    data = json.loads(json.dumps(recipe.to_dict()))
+    assert data["_type"] == "Recipe" and data["_version"] == 1
+    assert Recipe.from_dict(data) == recipe
+
+
+def test_recipe_files_json_and_yaml(tmp_path):
+    text = """
+name: mine
+weights: {bits: 6, symmetric: true, granularity: group, group_size: 64, observer: mse, observer_options: {p: 2.0}}
+activations: {bits: 8, symmetric: false, granularity: tensor, observer: percentile, observer_options: {percentile: 99.9}}
+ignore: ["*.attn2.to_k"]
+overrides:
+  - {pattern: "down_blocks.0.*", weights: {bits: 8, granularity: channel, group_size: null}}
+  - {pattern: "up_blocks.*.proj_out", activations: null}
+"""
+    (tmp_path / "r.yaml").write_text(text)
+    recipe = load_recipe(tmp_path / "r.yaml")
+    assert recipe.weights == TensorSpec(6, True, "group", 64, "mse", {"p": 2.0})
+    assert recipe.label == "W6A8"
+    assert recipe.specs_for(recipe.overrides[0])[0].bits == 8
+    assert recipe.specs_for(recipe.overrides[1])[1] is None
+    (tmp_path / "r.json").write_text(json.dumps(recipe.to_dict()))
+    assert load_recipe(tmp_path / "r.json") == recipe
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"bits": 9}, "bits=9 is out of range: use an integer from 2 to 8"),
+        ({"bits": 1}, "bits=1 is out of range"),
+        ({"granularity": "row"}, "granularity='row' is unknown"),
+        ({"granularity": "group"}, "granularity 'group' needs group_size"),
+        ({"group_size": 64}, "group_size=64 only applies to granularity 'group'"),
+        ({"observer": "magic"}, "observer='magic' is unknown"),
+        ({"observer_options": {"percentile": 99.0}}, "observer 'minmax' rejects its options"),
+    ],
+)
+def test_impossible_tensor_specs_say_what_to_change(change, message):
+    data = {**PRESETS["w8a8"].weights.to_dict(), **change}
+    with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        TensorSpec.from_dict(data)
+
+
+def test_unknown_keys_are_named():
+    data = PRESETS["w8a8"].to_dict()
+    data["weight_bits"] = 4
+    with pytest.raises(RecipeError, match=r"unknown key\(s\) \['weight_bits'\]"):
+        Recipe.from_dict(data)
+    data = PRESETS["w8a8"].to_dict()
+    data["weights"]["nbits"] = 4
+    with pytest.raises(RecipeError, match=r"weights: unknown key\(s\) \['nbits'\]"):
+        Recipe.from_dict(data)
+
+
+def test_activation_granularity_must_be_per_tensor():
+    spec = TensorSpec(8, False, "channel")
+    with pytest.raises(RecipeError, match="static per-tensor scales"):
+        Recipe("x", weights=PRESETS["w8a8"].weights, activations=spec)
+
+
+def test_newer_recipe_version_is_refused():
+    data = PRESETS["w8a8"].to_dict()
+    data["_version"] = 99
+    with pytest.raises(RecipeError, match="newer than this quantdiff understands"):
+        Recipe.from_dict(data)
+
+
+def test_unknown_recipe_names_the_presets(tmp_path):
+    with pytest.raises(RecipeError, match="unknown recipe 'w3a3': use a preset"):
+        load_recipe("w3a3")
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "missing.yaml")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(RecipeError, match="not valid JSON"):
+        load_recipe(tmp_path / "bad.json")
+
+
+def test_override_with_bad_field_fails_at_construction():
+    with pytest.raises(RecipeError, match=r"unknown weights field\(s\) \['nbits'\]"):
+        LayerOverride("x", weights={"nbits": 4})
+    with pytest.raises(RecipeError, match="out of range"):
+        Recipe("x", PRESETS["w8a8"].weights, PRESETS["w8a8"].activations, overrides=(LayerOverride("x", weights={"bits": 12}),))
