@@ -17,6 +17,7 @@ Two modes:
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -85,7 +86,7 @@ def capture_calibration(
     width: int | None = None,
     seed: int = 0,
     mode: str = "trajectory",
-    model_path: str | None = None,
+    model_path: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> CalibrationSet:
     """Run ``pipe`` on ``prompts`` and record its denoiser's inputs.
@@ -142,7 +143,7 @@ def capture_calibration(
         )
 
     info = {
-        "model": model_path or getattr(pipe, "name_or_path", None),
+        "model": str(model_path or getattr(pipe, "name_or_path", None) or ""),
         "pipeline_class": type(pipe).__name__,
         "denoiser_component": component,
         "denoiser_class": type(denoiser).__name__,
