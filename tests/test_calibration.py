@@ -6,14 +6,13 @@ import json
 
 import pytest
 import torch
+from conftest import CALIBRATION_PROMPTS, CAPTURE
 
 from quantdiff.calibration import CalibrationSet, capture_calibration, default_prompts
 from quantdiff.calibration.capture import spread_indices
 from quantdiff.calibration.dataset import denoiser_output
 from quantdiff.errors import CalibrationError
 from quantdiff.pipelines.loading import denoiser_of, load_pipeline
-
-from conftest import CALIBRATION_PROMPTS, CAPTURE
 
 
 def test_spread_indices():
@@ -54,7 +53,7 @@ def test_replay_reproduces_the_pipeline_calls_exactly(tiny_folders):
     expected = [seen[prompt * 6 + step] for prompt in range(2) for step in (0, 2, 5)]
     replayed = list(recorded.replay(unet, progress=False))
     assert len(replayed) == len(expected)
-    for a, b in zip(replayed, expected):
+    for a, b in zip(replayed, expected, strict=True):
         assert torch.equal(a, b)
 
 
@@ -64,7 +63,7 @@ def test_save_load_round_trip_is_exact(calibration_sets, tmp_path):
     loaded = CalibrationSet.load(tmp_path / "calib")
     assert loaded.info == json.loads(json.dumps(calibration.info))
     assert len(loaded) == len(calibration)
-    for a, b in zip(loaded, calibration):
+    for a, b in zip(loaded, calibration, strict=True):
         assert (a.prompt_index, a.step_index, a.timestep) == (b.prompt_index, b.step_index, b.timestep)
         _assert_same(a.inputs, b.inputs)
 

@@ -19,16 +19,62 @@ def test_calibrate_quantize_generate_inspect(tiny_folders, tmp_path, capsys):
     model = tiny_folders["sd15"]
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red fox in the snow\n# a comment\n\nportrait of a fisherman\n")
-    assert main(["--quiet", "calibrate", model, "--prompts", str(prompts), "--out", str(tmp_path / "calib"),
-                 "--steps", "4", "--num-timesteps", "2"]) == 0
+    assert (
+        main(
+            [
+                "--quiet",
+                "calibrate",
+                model,
+                "--prompts",
+                str(prompts),
+                "--out",
+                str(tmp_path / "calib"),
+                "--steps",
+                "4",
+                "--num-timesteps",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert "recorded 4 denoiser calls (2 prompts x 2 timesteps" in capsys.readouterr().out
-    assert main(["--quiet", "quantize", model, "--calib", str(tmp_path / "calib"), "--recipe", "w8a8",
-                 "--out", str(tmp_path / "q")]) == 0
+    assert (
+        main(
+            [
+                "--quiet",
+                "quantize",
+                model,
+                "--calib",
+                str(tmp_path / "calib"),
+                "--recipe",
+                "w8a8",
+                "--out",
+                str(tmp_path / "q"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "saved W8A8 (w8a8) quantized denoiser" in out and "stored" in out
     for name, path in (("fp", model), ("q", str(tmp_path / "q"))):
-        assert main(["--quiet", "generate", path, "--prompt", "a cat wearing a hat", "--seed", "0",
-                     "--steps", "3", "--out", str(tmp_path / f"{name}.png")]) == 0
+        assert (
+            main(
+                [
+                    "--quiet",
+                    "generate",
+                    path,
+                    "--prompt",
+                    "a cat wearing a hat",
+                    "--seed",
+                    "0",
+                    "--steps",
+                    "3",
+                    "--out",
+                    str(tmp_path / f"{name}.png"),
+                ]
+            )
+            == 0
+        )
     fp, q = Image.open(tmp_path / "fp.png"), Image.open(tmp_path / "q.png")
     assert fp.size == q.size == (64, 64)
     assert "Seed: 0" in q.text["parameters"] and "Quantization: W8A8 (w8a8)" in q.text["parameters"]
@@ -43,7 +89,9 @@ def test_calibrate_quantize_generate_inspect(tiny_folders, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["quantized"] and report["label"] == "W8A8"
     totals = report["totals"]
-    assert totals["stored_bytes"] == (tmp_path / "q" / "unet" / "quantized.safetensors").stat().st_size - _header(tmp_path / "q")
+    assert totals["stored_bytes"] == (tmp_path / "q" / "unet" / "quantized.safetensors").stat().st_size - _header(
+        tmp_path / "q"
+    )
     assert totals["fp32_bytes"] == 4 * totals["params"] and 0.2 < totals["ratio_vs_fp32"] < 0.35
 
 
@@ -54,8 +102,28 @@ def _header(folder):
 
 def test_quantize_on_the_fly_and_dry_run_inspect(tiny_folders, tmp_path, capsys):
     model = tiny_folders["pixart"]
-    assert main(["--quiet", "quantize", model, "--recipe", "w4a8", "--num-prompts", "2", "--steps", "3",
-                 "--num-timesteps", "2", "--mode", "noise", "--out", str(tmp_path / "q")]) == 0
+    assert (
+        main(
+            [
+                "--quiet",
+                "quantize",
+                model,
+                "--recipe",
+                "w4a8",
+                "--num-prompts",
+                "2",
+                "--steps",
+                "3",
+                "--num-timesteps",
+                "2",
+                "--mode",
+                "noise",
+                "--out",
+                str(tmp_path / "q"),
+            ]
+        )
+        == 0
+    )
     config = json.loads((tmp_path / "q" / "quantdiff.json").read_text())
     assert config["calibration"]["mode"] == "noise" and len(config["calibration"]["prompts"]) == 2
     capsys.readouterr()
@@ -103,15 +171,19 @@ def test_unknown_recipe(tiny_folders, tmp_path, capsys):
 def test_bits_out_of_range(tiny_folders, tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: odd\nweights: {bits: 12, symmetric: true, granularity: channel}\nactivations: null\n")
-    err = _run_failing(["quantize", tiny_folders["sd15"], "--recipe", str(recipe), "--out", str(tmp_path / "q")], capsys)
+    err = _run_failing(
+        ["quantize", tiny_folders["sd15"], "--recipe", str(recipe), "--out", str(tmp_path / "q")], capsys
+    )
     assert "bits=12 is out of range: use an integer from 2 to 8" in err
     assert _no_output(tmp_path, "q")
 
 
 def test_calibration_recorded_on_another_model(tiny_folders, calibration_sets, tmp_path, capsys):
     calibration_sets["sd15"][0].save(tmp_path / "calib")
-    err = _run_failing(["--quiet", "quantize", tiny_folders["sdxl"], "--calib", str(tmp_path / "calib"),
-                        "--out", str(tmp_path / "q")], capsys)
+    err = _run_failing(
+        ["--quiet", "quantize", tiny_folders["sdxl"], "--calib", str(tmp_path / "calib"), "--out", str(tmp_path / "q")],
+        capsys,
+    )
     assert "calibration data was recorded on another model" in err and "run `quantdiff calibrate` on this model" in err
     assert _no_output(tmp_path, "q")
 

@@ -42,7 +42,9 @@ def test_rule_order_override_then_ignore_then_default(unet):
         ignore=("*.attn2.*",),
         overrides=(
             LayerOverride("conv_in", weights={"bits": 6}),  # beats the default ignore list
-            LayerOverride("*.attn2.to_q", weights={"bits": 4, "granularity": "group", "group_size": 64}),  # beats ignore
+            LayerOverride(
+                "*.attn2.to_q", weights={"bits": 4, "granularity": "group", "group_size": 64}
+            ),  # beats ignore
             LayerOverride("*.ff.net.2", activations=None),
             LayerOverride("*.ff.*", skip=True),  # never reached for ff.net.2: first match wins
         ),

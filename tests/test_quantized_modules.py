@@ -14,8 +14,15 @@ from quantdiff.recipe import PRESETS, TensorSpec
 
 
 def _plan(module, recipe) -> LayerPlan:
-    return LayerPlan("x", type(module).__name__, tuple(module.weight.shape), module.bias is not None,
-                     recipe.weights, recipe.activations, "test")
+    return LayerPlan(
+        "x",
+        type(module).__name__,
+        tuple(module.weight.shape),
+        module.bias is not None,
+        recipe.weights,
+        recipe.activations,
+        "test",
+    )
 
 
 def _convert(module, recipe, x):
@@ -40,7 +47,9 @@ def test_storage_is_integer_with_expected_bytes(recipe, dtype, stored_bytes):
     quantized = _convert(linear, PRESETS[recipe], torch.randn(4, 320))
     assert quantized.weight_q.dtype == dtype
     assert quantized.weight_q.numel() * quantized.weight_q.element_size() == stored_bytes
-    assert not any(p.is_floating_point() and p.numel() == linear.weight.numel() for p in quantized.state_dict().values())
+    assert not any(
+        p.is_floating_point() and p.numel() == linear.weight.numel() for p in quantized.state_dict().values()
+    )
     expected_groups = 1 if recipe == "w8a8" else 3  # ceil(320 / 128)
     assert tuple(quantized.weight_scale.shape) == (96, expected_groups)
 

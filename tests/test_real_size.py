@@ -42,7 +42,9 @@ def test_sd15_unet_stored_size(tiny_folders, tmp_path, capsys):
         totals = json.loads(capsys.readouterr().out)["totals"]
         ratios[name] = totals["ratio_vs_fp32"]
         with capsys.disabled():
-            print(f"\nSD1.5 UNet {name}: fp32 {totals['fp32_bytes'] / 2**20:.1f} MiB -> stored "
-                  f"{totals['stored_bytes'] / 2**20:.1f} MiB = {totals['ratio_vs_fp32']:.4f}x")
+            print(
+                f"\nSD1.5 UNet {name}: fp32 {totals['fp32_bytes'] / 2**20:.1f} MiB -> stored "
+                f"{totals['stored_bytes'] / 2**20:.1f} MiB = {totals['ratio_vs_fp32']:.4f}x"
+            )
     assert ratios["w8a16"] <= 0.27
     assert ratios["w4a16"] <= 0.15

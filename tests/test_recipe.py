@@ -102,4 +102,9 @@ def test_override_with_bad_field_fails_at_construction():
     with pytest.raises(RecipeError, match=r"unknown weights field\(s\) \['nbits'\]"):
         LayerOverride("x", weights={"nbits": 4})
     with pytest.raises(RecipeError, match="out of range"):
-        Recipe("x", PRESETS["w8a8"].weights, PRESETS["w8a8"].activations, overrides=(LayerOverride("x", weights={"bits": 12}),))
+        Recipe(
+            "x",
+            PRESETS["w8a8"].weights,
+            PRESETS["w8a8"].activations,
+            overrides=(LayerOverride("x", weights={"bits": 12}),),
+        )

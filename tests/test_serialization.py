@@ -28,11 +28,13 @@ def test_quantize_save_load_is_bit_identical(tiny_folders, calibration_sets, tmp
     save_quantized(pipe, tmp_path / "q", base_path=tiny_folders[arch])
     loaded = load_quantized_denoiser(tmp_path / "q")
     assert sum(isinstance(m, QuantizedLayer) for m in loaded.modules()) == len(loaded.quantdiff_info.plan.quantized)
-    for a, b in zip(held_out.replay(denoiser, progress=False), held_out.replay(loaded, progress=False)):
+    for a, b in zip(held_out.replay(denoiser, progress=False), held_out.replay(loaded, progress=False), strict=True):
         assert torch.equal(a, b)
     # The whole pipeline, loaded from the quantized folder alone, makes the same image.
     image, _ = generate(pipe, "a cat wearing a hat", steps=3, seed=1, progress=False)
-    image_loaded, parameters = generate(load_any_pipeline(tmp_path / "q"), "a cat wearing a hat", steps=3, seed=1, progress=False)
+    image_loaded, parameters = generate(
+        load_any_pipeline(tmp_path / "q"), "a cat wearing a hat", steps=3, seed=1, progress=False
+    )
     assert image.tobytes() == image_loaded.tobytes()
     assert parameters["quantization"].startswith(recipe.upper()[:2])
 

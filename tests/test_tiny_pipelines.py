@@ -155,9 +155,7 @@ def test_sd3_without_t5_builds_saves_loads_and_generates(saved, tmp_path):
     folder = save_tiny_pipeline("sd3", tmp_path, with_t5=False)
     # model_index.json records the absent T5 as [null, null], but SD3 does not list it as optional:
     # loading it needs the absence spelled out, as diffusers documents for dropping T5.
-    loaded = DiffusionPipeline.from_pretrained(
-        folder, local_files_only=True, text_encoder_3=None, tokenizer_3=None
-    )
+    loaded = DiffusionPipeline.from_pretrained(folder, local_files_only=True, text_encoder_3=None, tokenizer_3=None)
     assert loaded.text_encoder_3 is None and loaded.tokenizer_3 is None
     image = generate(loaded, output_type="np")
     assert image.shape == (1, 64, 64, 3)

@@ -21,11 +21,18 @@ def _calibration_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("calibration")
     group.add_argument("--prompts", help="prompt file, one per line (default: the 64 prompts shipped with quantdiff)")
     group.add_argument("--num-prompts", type=int, help="use only the first N prompts")
-    group.add_argument("--mode", choices=("trajectory", "noise"), default="trajectory",
-                       help="run the sampler (trajectory) or pair real text conditioning with Gaussian latents (noise)")
+    group.add_argument(
+        "--mode",
+        choices=("trajectory", "noise"),
+        default="trajectory",
+        help="run the sampler (trajectory) or pair real text conditioning with Gaussian latents (noise)",
+    )
     group.add_argument("--steps", type=int, default=25, help="sampler steps per calibration prompt (default 25)")
-    group.add_argument("--num-timesteps", default="8",
-                       help="steps recorded per prompt, spread evenly over the trajectory, or 'all' (default 8)")
+    group.add_argument(
+        "--num-timesteps",
+        default="8",
+        help="steps recorded per prompt, spread evenly over the trajectory, or 'all' (default 8)",
+    )
     group.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's)")
     group.add_argument("--height", type=int, help="image height (default: the pipeline's)")
     group.add_argument("--width", type=int, help="image width (default: the pipeline's)")
@@ -34,8 +41,12 @@ def _calibration_options(parser: argparse.ArgumentParser) -> None:
 
 def _runtime_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.add_argument("--dtype", choices=tuple(_DTYPES), default="float32",
-                        help="dtype of the floating-point weights (default float32; fp16/bf16 are slow on most CPUs)")
+    parser.add_argument(
+        "--dtype",
+        choices=tuple(_DTYPES),
+        default="float32",
+        help="dtype of the floating-point weights (default float32; fp16/bf16 are slow on most CPUs)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,12 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     quantize = verbs.add_parser("quantize", help="quantize the denoiser and save it")
     quantize.add_argument("model", metavar="MODEL_DIR", help="diffusers pipeline folder")
-    quantize.add_argument("--recipe", default="w8a8",
-                          help=f"preset ({', '.join(PRESETS)}) or a .json/.yaml recipe file (default w8a8)")
+    quantize.add_argument(
+        "--recipe", default="w8a8", help=f"preset ({', '.join(PRESETS)}) or a .json/.yaml recipe file (default w8a8)"
+    )
     quantize.add_argument("--calib", help="calibration folder from `quantdiff calibrate` (else calibrate on the fly)")
     quantize.add_argument("--out", required=True, help="output folder for the quantized model")
-    quantize.add_argument("--copy-components", action="store_true",
-                          help="copy the unchanged components too, for a folder that works without MODEL_DIR")
+    quantize.add_argument(
+        "--copy-components",
+        action="store_true",
+        help="copy the unchanged components too, for a folder that works without MODEL_DIR",
+    )
     quantize.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _calibration_options(quantize)
     _runtime_options(quantize)
@@ -81,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_options(generate)
 
     inspect = verbs.add_parser("inspect", help="per-layer plan and denoiser size in fp32/fp16/quantized bytes")
-    inspect.add_argument("model", metavar="MODEL", help="quantized folder, or a pipeline folder (with --recipe: dry run)")
+    inspect.add_argument(
+        "model", metavar="MODEL", help="quantized folder, or a pipeline folder (with --recipe: dry run)"
+    )
     inspect.add_argument("--recipe", help="for a pipeline folder: show the plan and sizes this recipe would give")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON (schema in quantdiff.report)")
     inspect.add_argument("--max-layers", type=int, help="show at most N layers in the table")
@@ -145,8 +162,10 @@ def _cmd_calibrate(args) -> int:
     calibration = _capture(args, pipe, args.model)
     calibration.save(args.out, overwrite=args.overwrite)
     prompts = len(calibration.info["prompts"])
-    print(f"recorded {len(calibration)} denoiser calls ({prompts} prompts x {len(calibration.info['step_indices'])} "
-          f"timesteps, mode {args.mode}) -> {args.out}")
+    print(
+        f"recorded {len(calibration)} denoiser calls ({prompts} prompts x {len(calibration.info['step_indices'])} "
+        f"timesteps, mode {args.mode}) -> {args.out}"
+    )
     return 0
 
 

@@ -340,9 +340,7 @@ class PercentileObserver(_SampledObserver):
         ValueError: an argument is out of range.
     """
 
-    def __init__(
-        self, bits: int, symmetric: bool, percentile: float = 99.99, max_samples: int = 2**16, seed: int = 0
-    ):
+    def __init__(self, bits: int, symmetric: bool, percentile: float = 99.99, max_samples: int = 2**16, seed: int = 0):
         super().__init__(bits, symmetric, max_samples, seed)
         self.percentile = _real("percentile", percentile, 50.0, 100.0, low_open=True)
 
@@ -421,7 +419,9 @@ class MSEObserver(_SampledObserver):
             low = full_low[:, None] * factors  # (R, c)
             high = full_high[:, None] * factors  # (R, c)
             scale, zero_point = compute_qparams(low, high, self.bits, self.symmetric)  # (R, c), (R, c)
-            approx = fake_quantize(sample[:, None, :], scale[..., None], zero_point[..., None], self.bits, self.symmetric)
+            approx = fake_quantize(
+                sample[:, None, :], scale[..., None], zero_point[..., None], self.bits, self.symmetric
+            )
             # float32 is enough here: torch sums pairwise (error ~1e-7 relative), far below the gaps
             # between neighbouring candidates; a float64 pass would double the cost of the search.
             errors.append(approx.sub_(sample[:, None, :]).abs_().pow_(self.p).mean(dim=2))

@@ -67,9 +67,7 @@ class TensorSpec:
         if not isinstance(self.symmetric, bool):
             raise RecipeError(f"symmetric={self.symmetric!r} must be true or false")
         if self.granularity not in GRANULARITIES:
-            raise RecipeError(
-                f"granularity={self.granularity!r} is unknown: use one of {', '.join(GRANULARITIES)}"
-            )
+            raise RecipeError(f"granularity={self.granularity!r} is unknown: use one of {', '.join(GRANULARITIES)}")
         if self.granularity == "group":
             if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 2:
                 raise RecipeError(
@@ -320,9 +318,7 @@ def load_recipe(recipe: str | Path | Recipe) -> Recipe:
         return PRESETS[text.lower()]
     path = Path(text)
     if path.suffix.lower() not in (".json", ".yaml", ".yml"):
-        raise RecipeError(
-            f"unknown recipe {text!r}: use a preset ({', '.join(PRESETS)}) or a .json/.yaml recipe file"
-        )
+        raise RecipeError(f"unknown recipe {text!r}: use a preset ({', '.join(PRESETS)}) or a .json/.yaml recipe file")
     if not path.is_file():
         raise RecipeError(f"recipe file {text!r} does not exist")
     try:

@@ -56,7 +56,9 @@ def report_quantized_folder(path: str | os.PathLike) -> dict[str, Any]:
             dtype = view.get_dtype()
             tensors[name] = (tuple(view.get_shape()), _DTYPE_BYTES[dtype], dtype.startswith(("F", "BF")))
     info = folder.info
-    return _report(str(folder.path), True, info.plan, info.recipe, info.architecture.name, folder.denoiser_class, tensors)
+    return _report(
+        str(folder.path), True, info.plan, info.recipe, info.architecture.name, folder.denoiser_class, tensors
+    )
 
 
 def report_pipeline_folder(path: str | os.PathLike, recipe: Recipe | str | None = None) -> dict[str, Any]:
@@ -160,7 +162,10 @@ def format_report(report: dict[str, Any], *, max_layers: int | None = None) -> s
         hidden = len(rows) - max_layers
         rows = rows[:max_layers]
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+    lines = [
+        "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
     lines.insert(1, "  ".join("-" * width for width in widths))
     if hidden:
         lines.append(f"... {hidden} more layers (inspect --json lists all)")
@@ -191,4 +196,3 @@ def _bytes(count: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
         value /= 1024
     return str(count)
-

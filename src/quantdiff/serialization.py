@@ -39,9 +39,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from quantdiff.version import __version__
 from quantdiff.atomic import atomic_directory
 from quantdiff.errors import FormatError
+from quantdiff.jsonfile import read_json_object
 from quantdiff.pipelines.architectures import ARCHITECTURES
 from quantdiff.pipelines.loading import (
     component_configs_hash,
@@ -53,6 +53,7 @@ from quantdiff.pipelines.loading import (
 from quantdiff.plan import QuantPlan
 from quantdiff.quantize import INFO_ATTRIBUTE, QuantizationInfo, build_skeleton, quantization_info
 from quantdiff.recipe import Recipe
+from quantdiff.version import __version__
 
 QUANT_METHOD = "quantdiff"
 FORMAT_VERSION = 1
@@ -163,11 +164,8 @@ def read_quantized_folder(path: str | os.PathLike) -> QuantizedFolder:
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
         raise FormatError(f"'{path}' is not a quantdiff folder: it has no {CONFIG_NAME}")
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise FormatError(f"{config_path} is not readable JSON ({error}): re-run quantize") from None
-    if not isinstance(config, dict) or config.get("quant_method") != QUANT_METHOD:
+    config = read_json_object(config_path, FormatError, "re-run quantize")
+    if config.get("quant_method") != QUANT_METHOD:
         raise FormatError(f"{config_path} was not written by quantdiff (quant_method != 'quantdiff')")
     version = config.get("format_version")
     if not isinstance(version, int) or version < 1:

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from quantdiff.atomic import atomic_directory
 from quantdiff.errors import CalibrationError
+from quantdiff.jsonfile import read_json_object
 from quantdiff.pipelines.loading import config_hash
 
 INDEX_NAME = "index.json"
@@ -169,11 +170,8 @@ class CalibrationSet:
             raise CalibrationError(f"calibration folder '{folder}' does not exist: run `quantdiff calibrate` first")
         if not index_path.is_file():
             raise CalibrationError(f"'{folder}' is not a calibration folder: it has no {INDEX_NAME}")
-        try:
-            index = json.loads(index_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise CalibrationError(f"{index_path} is not readable JSON: {error}") from None
-        if not isinstance(index, dict) or index.get("format") != FORMAT_NAME:
+        index = read_json_object(index_path, CalibrationError, "re-run calibrate")
+        if index.get("format") != FORMAT_NAME:
             raise CalibrationError(f"{index_path} is not a quantdiff calibration index")
         version = index.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
@@ -198,7 +196,9 @@ class CalibrationSet:
                     )
                 )
         except (KeyError, TypeError) as error:
-            raise CalibrationError(f"calibration index {index_path} is inconsistent (missing {error}): re-run calibrate") from None
+            raise CalibrationError(
+                f"calibration index {index_path} is inconsistent (missing {error}): re-run calibrate"
+            ) from None
         return cls(records, dict(index.get("info", {})))
 
 
@@ -217,7 +217,9 @@ def _load_shard(path: Path) -> dict[str, Tensor]:
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise CalibrationError(f"calibration shard '{path}' is corrupt or truncated ({error}): re-run calibrate") from None
+        raise CalibrationError(
+            f"calibration shard '{path}' is corrupt or truncated ({error}): re-run calibrate"
+        ) from None
 
 
 def _flatten(inputs: Mapping[str, Any], prefix: str = "") -> tuple[dict[str, Tensor], dict[str, Any]]:

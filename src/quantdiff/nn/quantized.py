@@ -131,9 +131,7 @@ class QuantizedLayer(nn.Module):
         self.register_buffer("weight_q", torch.zeros(storage, dtype=storage_dtype, device=device))
         self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=torch.float32, device=device))
         if not weights.symmetric:
-            self.register_buffer(
-                "weight_zero_point", torch.zeros(scale_shape, dtype=torch.int32, device=device)
-            )
+            self.register_buffer("weight_zero_point", torch.zeros(scale_shape, dtype=torch.int32, device=device))
         else:
             self.weight_zero_point = None
         if activations is not None:
@@ -171,7 +169,9 @@ class QuantizedLayer(nn.Module):
         """Fake-quantize ``x`` with the static input scale (identity for weight-only layers)."""
         if self.input_spec is None:
             return x
-        return fake_quantize(x, self.input_scale, self.input_zero_point, self.input_spec.bits, self.input_spec.symmetric)
+        return fake_quantize(
+            x, self.input_scale, self.input_zero_point, self.input_spec.bits, self.input_spec.symmetric
+        )
 
     def extra_repr(self) -> str:
         act = self.input_spec.describe() if self.input_spec else "fp"
@@ -184,7 +184,9 @@ class QuantizedLinear(QuantizedLayer):
     @classmethod
     def like(cls, linear: nn.Linear, layer: LayerPlan) -> QuantizedLinear:
         """An empty module with ``linear``'s geometry and device (use on meta to build a loading skeleton)."""
-        return cls(tuple(linear.weight.shape), linear.bias is not None, layer.weights, layer.activations, linear.weight.device)
+        return cls(
+            tuple(linear.weight.shape), linear.bias is not None, layer.weights, layer.activations, linear.weight.device
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(self.quantize_input(x), self.dequantized_weight().to(x.dtype), _cast(self.bias, x))
@@ -216,7 +218,9 @@ class QuantizedConv2d(QuantizedLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.dequantized_weight().to(x.dtype)
-        return F.conv2d(self.quantize_input(x), weight, _cast(self.bias, x), self.stride, self.padding, self.dilation, self.groups)
+        return F.conv2d(
+            self.quantize_input(x), weight, _cast(self.bias, x), self.stride, self.padding, self.dilation, self.groups
+        )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, stride={self.stride}, padding={self.padding}, groups={self.groups}"

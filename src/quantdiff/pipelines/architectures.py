@@ -136,6 +136,4 @@ def architecture_from_config(class_name: str, config: Mapping[str, Any]) -> Arch
         if class_name == architecture.denoiser_class:
             return architecture
     supported = sorted({a.denoiser_class for a in ARCHITECTURES.values()})
-    raise PipelineError(
-        f"denoiser class {class_name!r} is not supported; quantdiff supports {', '.join(supported)}"
-    )
+    raise PipelineError(f"denoiser class {class_name!r} is not supported; quantdiff supports {', '.join(supported)}")

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from quantdiff.errors import PipelineError
+from quantdiff.jsonfile import read_json_object
 from quantdiff.pipelines.architectures import Architecture, architecture_from_config
 
 DENOISER_COMPONENTS = ("unet", "transformer")
@@ -73,7 +74,7 @@ def read_pipeline_folder(path: str | os.PathLike) -> PipelineFolder:
             f"'{path}' is not a diffusers pipeline folder: it has no model_index.json "
             "(save one with pipeline.save_pretrained(folder))"
         )
-    index = _read_json(index_path, PipelineError)
+    index = read_json_object(index_path, PipelineError)
     pipeline_class = index.get("_class_name")
     if not isinstance(pipeline_class, str):
         raise PipelineError(f"{index_path} has no '_class_name': it is not a diffusers pipeline index")
@@ -92,7 +93,7 @@ def read_pipeline_folder(path: str | os.PathLike) -> PipelineFolder:
     config_path = folder / denoiser_component / "config.json"
     if not config_path.is_file():
         raise PipelineError(f"'{path}' is missing {denoiser_component}/config.json")
-    denoiser_config = _read_json(config_path, PipelineError)
+    denoiser_config = read_json_object(config_path, PipelineError)
     class_name = components[denoiser_component][1]  # type: ignore[index]
     return PipelineFolder(
         path=folder.resolve(),
@@ -164,16 +165,6 @@ def component_configs_hash(path: str | os.PathLike) -> str:
         digest.update(file.relative_to(folder).as_posix().encode())
         digest.update(hashlib.sha256(file.read_bytes()).digest())
     return digest.hexdigest()
-
-
-def _read_json(path: Path, error_type: type[Exception]) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise error_type(f"{path} is not readable JSON: {error}") from None
-    if not isinstance(data, dict):
-        raise error_type(f"{path} must hold a JSON object")
-    return data
 
 
 def _json_default(value: Any) -> Any:

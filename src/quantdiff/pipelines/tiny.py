@@ -130,9 +130,7 @@ def build_tiny_pipeline(arch: str, seed: int = 0, *, with_t5: bool = True) -> Di
     return pipeline
 
 
-def save_tiny_pipeline(
-    arch: str, folder: str | os.PathLike, seed: int = 0, *, with_t5: bool = True
-) -> Path:
+def save_tiny_pipeline(arch: str, folder: str | os.PathLike, seed: int = 0, *, with_t5: bool = True) -> Path:
     """``build_tiny_pipeline(...).save_pretrained(folder)`` as safetensors; returns the folder path."""
     pipeline = build_tiny_pipeline(arch, seed, with_t5=with_t5)
     pipeline.save_pretrained(folder, safe_serialization=True)
@@ -446,7 +444,7 @@ def _learn_bpe_merges(words: Iterable[str], min_frequency: int = 2) -> list[tupl
     while True:
         pairs: Counter[tuple[str, str]] = Counter()
         for symbols, count in segmented.items():
-            for pair in zip(symbols, symbols[1:]):
+            for pair in zip(symbols, symbols[1:], strict=False):  # adjacent pairs
                 pairs[pair] += count
         best = min(pairs, key=lambda pair: (-pairs[pair], pair), default=None)
         if best is None or pairs[best] < min_frequency:
