@@ -103,6 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print the report as JSON (schema in quantdiff.report)")
     inspect.add_argument("--max-layers", type=int, help="show at most N layers in the table")
 
+    serve = verbs.add_parser("serve", help="web app and HTTP API for a pipeline or quantized folder")
+    serve.add_argument("model", metavar="MODEL", help="diffusers pipeline folder or quantized folder")
+    serve.add_argument("--compare", metavar="OTHER", help="second model: same prompt and seed, side by side")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=7860)
+    serve.add_argument("--log", default="quantdiff-serve/requests.jsonl", help="JSON-lines request log")
+    serve.add_argument("--outputs", default="quantdiff-serve/images", help="where generated PNGs are saved")
+    serve.add_argument("--queue-size", type=int, default=8, help="requests waiting or running before 503")
+    serve.add_argument("--max-steps", type=int, default=100)
+    serve.add_argument("--max-size", type=int, default=2048, help="largest width/height")
+    serve.add_argument("--no-t5", action="store_true", help="SD3: drop the T5 text encoder to save memory")
+    serve.add_argument("--cpu-offload", action="store_true", help="with --device cuda: keep idle components on the CPU")
+    serve.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
     tiny = verbs.add_parser("tiny", help="build a tiny random-weight pipeline (for demos and tests)")
     tiny.add_argument("arch", choices=("sd15", "sdxl", "sd3", "pixart"))
     tiny.add_argument("--out", required=True)
@@ -231,6 +245,28 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    from quantdiff.serving.app import serve
+    from quantdiff.serving.service import GenerationService, Limits
+
+    for name in ("queue_size", "max_steps", "max_size"):
+        if getattr(args, name) < 1:
+            raise QuantDiffError(f"--{name.replace('_', '-')} must be at least 1")
+    service = GenerationService(
+        args.model,
+        compare=args.compare,
+        device=args.device,
+        log_path=args.log,
+        outputs=args.outputs,
+        limits=Limits(queue_size=args.queue_size, max_steps=args.max_steps, max_size=args.max_size),
+        no_t5=args.no_t5,
+        cpu_offload=args.cpu_offload,
+    )
+    print(f"serving {args.model} on http://{args.host}:{args.port} (log: {args.log})")
+    serve(service, host=args.host, port=args.port)
+    return 0
+
+
 def _cmd_tiny(args) -> int:
     from quantdiff.atomic import atomic_directory
     from quantdiff.pipelines.tiny import build_tiny_pipeline
@@ -247,6 +283,7 @@ _COMMANDS = {
     "quantize": _cmd_quantize,
     "generate": _cmd_generate,
     "inspect": _cmd_inspect,
+    "serve": _cmd_serve,
     "tiny": _cmd_tiny,
 }
 

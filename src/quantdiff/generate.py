@@ -7,6 +7,7 @@ generator lives on the CPU whatever the device), so their images can be compared
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,21 @@ def a1111_parameters(parameters: dict[str, Any]) -> str:
     ]
     lines.append(", ".join(f"{key}: {value}" for key, value in fields if value is not None))
     return "\n".join(lines)
+
+
+def parse_a1111_parameters(text: str) -> dict[str, str]:
+    """Read back :func:`a1111_parameters` text: ``prompt``, ``negative_prompt`` and the ``Key: value`` fields."""
+    lines = text.split("\n")
+    fields_line = lines.pop() if len(lines) > 1 else ""
+    parsed: dict[str, str] = {}
+    negative = [i for i, line in enumerate(lines) if line.startswith("Negative prompt: ")]
+    if negative:
+        parsed["negative_prompt"] = "\n".join(lines[negative[0] :])[len("Negative prompt: ") :]
+        lines = lines[: negative[0]]
+    parsed["prompt"] = "\n".join(lines)
+    for match in re.finditer(r"([A-Z][\w ]*): ((?:[^,]|,(?! [A-Z][\w ]*: ))*)", fields_line):
+        parsed[match.group(1)] = match.group(2)
+    return parsed
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict[str, Any]) -> Path:

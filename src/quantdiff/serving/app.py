@@ -1,0 +1,250 @@
+"""The ``quantdiff serve`` web app: a gradio UI at ``/`` and a plain HTTP API under ``/api``.
+
+Both call the same :class:`~quantdiff.serving.service.GenerationService`, so limits, queue, numerics
+guard and request log are shared. HTTP API::
+
+    POST /api/generate  {"prompt": str, "negative_prompt"?, "seed"?, "steps"?, "guidance"?, "width"?,
+                         "height"?, "scheduler"?, "batch_size"?, "eta"?, "shift"?}
+      200 {"image_png_base64", "images_png_base64", "seed", "seconds", "parameters"}
+      400 {"error"}  bad input or incompatible scheduler     503 {"error"}  queue full
+      500 {"error"}  NaN/inf caught by the numerics guard
+    GET  /api/health    200 {"status": "ok", "model", "quantization", "compare", "memory"}
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+import gradio as gr
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from quantdiff.errors import QuantDiffError
+from quantdiff.generate import a1111_parameters
+from quantdiff.serving.schedulers import scheduler_names
+from quantdiff.serving.service import GenerationRequest, GenerationService, NonFiniteError, QueueFullError
+
+EXAMPLE_PROMPTS = [
+    "a red fox sitting in fresh snow at dawn",
+    "a watercolor painting of a lighthouse on a rocky coast",
+    'a neon sign that says "OPEN LATE" above a rainy street',
+]
+HISTORY_COLUMNS = ["time", "status", "prompt", "seed", "steps", "scheduler", "seconds", "model", "error"]
+
+
+def _status(error: Exception) -> int:
+    if isinstance(error, QueueFullError):
+        return 503
+    if isinstance(error, NonFiniteError):
+        return 500
+    return 400
+
+
+def _png_base64(image, parameters: dict[str, Any]) -> str:
+    from PIL import PngImagePlugin
+
+    chunk = PngImagePlugin.PngInfo()
+    chunk.add_text("parameters", a1111_parameters(parameters))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=chunk)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def build_app(service: GenerationService) -> FastAPI:
+    """FastAPI app with the HTTP API, and the gradio UI mounted at ``/``."""
+    app = FastAPI(title="quantdiff serve")
+
+    @app.get("/api/health")
+    def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model": service.main.path,
+            "quantization": service.main.quantization,
+            "compare": service.slots[1].path if len(service.slots) > 1 else None,
+            "memory": service.memory(),
+        }
+
+    @app.post("/api/generate")
+    async def generate(request: Request) -> JSONResponse:
+        try:
+            body = await request.json()
+        except ValueError:
+            return JSONResponse({"error": "the request body is not valid JSON"}, status_code=400)
+        try:
+            generation = GenerationRequest.from_json(body)
+            result = await run_in_threadpool(service.generate, generation)
+        except QuantDiffError as error:
+            return JSONResponse({"error": str(error)}, status_code=_status(error))
+        encoded = [_png_base64(image, result.parameters) for image in result.images]
+        return JSONResponse(
+            {
+                "image_png_base64": encoded[0],
+                "images_png_base64": encoded,
+                "seed": result.seed,
+                "seconds": round(result.seconds, 4),
+                "parameters": result.parameters,
+            }
+        )
+
+    demo = build_ui(service)
+    demo.queue(max_size=service.limits.queue_size, default_concurrency_limit=1)
+    return gr.mount_gradio_app(app, demo, path="/")
+
+
+def _history_rows(service: GenerationService) -> list[list[Any]]:
+    rows = []
+    for entry in service.history():
+        request = entry.get("request", {})
+        parameters = entry.get("parameters", {})
+        rows.append(
+            [
+                entry.get("time", ""),
+                entry.get("status", ""),
+                request.get("prompt", ""),
+                entry.get("seed", ""),
+                parameters.get("steps", request.get("steps", "")),
+                parameters.get("scheduler", request.get("scheduler", "")),
+                entry.get("seconds", ""),
+                entry.get("kind", "") + " " + entry.get("model", "").rsplit("/", 1)[-1],
+                entry.get("error", ""),
+            ]
+        )
+    return rows
+
+
+def _memory_text(service: GenerationService) -> str:
+    memory = service.memory()
+    text = f"Memory in use: {memory['rss_bytes'] / 2**20:.0f} MiB (process RSS)"
+    if "cuda_allocated_bytes" in memory:
+        text += f", {memory['cuda_allocated_bytes'] / 2**20:.0f} MiB on the GPU"
+    return text
+
+
+def _describe(result, label: str) -> str:
+    p = result.parameters
+    steps = result.step_seconds
+    per_step = f", {sum(steps) / len(steps):.3f} s/step" if steps else ""
+    return (
+        f"**{label}** · seed **{result.seed}** · {p['steps']} steps · guidance {p['guidance']} · "
+        f"{p['width']}x{p['height']} · {p['scheduler']} · {result.seconds:.2f} s{per_step} · "
+        f"peak {result.peak_memory_bytes / 2**20:.0f} MiB"
+    )
+
+
+def build_ui(service: GenerationService) -> gr.Blocks:
+    """The gradio page: generate (and compare) tab, history tab."""
+    slot = service.main
+    defaults = slot.defaults()
+    limits = service.limits
+    multiple = slot.size_multiple
+    comparing = len(service.slots) > 1
+    title = f"{slot.name} ({slot.quantization or 'floating point'})"
+    if comparing:
+        other = service.slots[1]
+        title += f" vs {other.name} ({other.quantization or 'floating point'})"
+
+    with gr.Blocks(title="quantdiff serve") as demo:
+        gr.Markdown(f"## quantdiff serve · {title}")
+        with gr.Tab("Generate"):
+            with gr.Row():
+                with gr.Column():
+                    prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
+                    negative = gr.Textbox(label="Negative prompt", elem_id="negative-prompt")
+                    with gr.Row():
+                        seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed")
+                        randomize = gr.Checkbox(label="Randomize seed", value=True, elem_id="randomize")
+                    steps = gr.Slider(1, limits.max_steps, value=defaults["steps"], step=1, label="Steps")
+                    guidance = gr.Slider(0, 20, value=defaults["guidance"], step=0.5, label="Guidance")
+                    top = max(multiple, min(limits.max_size, 1024))
+                    width = gr.Slider(multiple, top, value=defaults["width"], step=multiple, label="Width")
+                    height = gr.Slider(multiple, top, value=defaults["height"], step=multiple, label="Height")
+                    scheduler = gr.Dropdown(
+                        scheduler_names(slot.original_scheduler), value=defaults["scheduler"], label="Scheduler"
+                    )
+                    batch = gr.Slider(1, limits.max_batch, value=1, step=1, label="Batch size")
+                    button = gr.Button("Generate", variant="primary", elem_id="generate")
+                    gr.Examples(EXAMPLE_PROMPTS, inputs=[prompt])
+                with gr.Column():
+                    error = gr.Markdown(elem_id="error")
+                    images = gr.Gallery(label=slot.name, elem_id="images", columns=2, height="auto")
+                    info = gr.Markdown(elem_id="info")
+                    if comparing:
+                        other_images = gr.Gallery(label=service.slots[1].name, elem_id="compare-images", columns=2)
+                        other_info = gr.Markdown(elem_id="compare-info")
+                        similarity = gr.Markdown(elem_id="similarity")
+                    memory = gr.Markdown(_memory_text(service), elem_id="memory")
+        with gr.Tab("History"):
+            refresh = gr.Button("Refresh", elem_id="refresh-history")
+            history = gr.Dataframe(
+                value=_history_rows(service) or None, headers=HISTORY_COLUMNS, elem_id="history", interactive=False
+            )
+
+        def run(
+            prompt_text,
+            negative_text,
+            seed_value,
+            randomize_seed,
+            steps_value,
+            guidance_value,
+            width_value,
+            height_value,
+            scheduler_name,
+            batch_size,
+            progress=gr.Progress(),  # noqa: B008 - gradio injects progress through this default
+        ):
+            request = GenerationRequest(
+                prompt=prompt_text or "",
+                negative_prompt=negative_text or "",
+                seed=None if randomize_seed else int(seed_value or 0),
+                steps=int(steps_value),
+                guidance=float(guidance_value),
+                width=int(width_value),
+                height=int(height_value),
+                scheduler=scheduler_name,
+                batch_size=int(batch_size),
+            )
+
+            def report(step: int, total: int) -> None:
+                progress((step, total), desc="denoising")
+
+            empty = [None, ""] + ([None, "", ""] if comparing else [])
+            try:
+                if comparing:
+                    first, second, scores = service.compare(request, report)
+                    outputs = [
+                        first.images,
+                        _describe(first, slot.name),
+                        second.images,
+                        _describe(second, service.slots[1].name),
+                        f"PSNR {scores['psnr']:.2f} dB · SSIM {scores['ssim']:.4f} between the two",
+                    ]
+                    used_seed = first.seed
+                else:
+                    first = service.generate(request, report)
+                    outputs = [first.images, _describe(first, slot.name)]
+                    used_seed = first.seed
+            except QuantDiffError as failure:
+                gr.Warning(str(failure))
+                return [f"**Error:** {failure}", *empty, gr.update(), _memory_text(service), _history_rows(service)]
+            return ["", *outputs, used_seed, _memory_text(service), _history_rows(service)]
+
+        outputs = [error, images, info] + ([other_images, other_info, similarity] if comparing else [])
+        outputs += [seed, memory, history]
+        button.click(
+            run,
+            inputs=[prompt, negative, seed, randomize, steps, guidance, width, height, scheduler, batch],
+            outputs=outputs,
+            api_name=False,
+        )
+        refresh.click(lambda: _history_rows(service), outputs=[history], api_name=False)
+    return demo
+
+
+def serve(service: GenerationService, host: str = "127.0.0.1", port: int = 7860) -> None:
+    """Run the app with uvicorn until interrupted."""
+    import uvicorn
+
+    uvicorn.run(build_app(service), host=host, port=port, log_level="warning")

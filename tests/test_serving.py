@@ -1,0 +1,276 @@
+"""`quantdiff serve`: scheduler safety, numerics guard, PNG metadata, HTTP API under load, and the page
+itself in headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from quantdiff.generate import a1111_parameters, parse_a1111_parameters, save_png
+from quantdiff.serving.schedulers import SchedulerError, make_scheduler, scheduler_names
+from quantdiff.serving.service import (
+    GenerationRequest,
+    GenerationService,
+    Limits,
+    NonFiniteError,
+    RequestError,
+)
+
+PAGE_TIMEOUT_MS = 120_000
+
+
+def test_flow_matching_model_refuses_noise_schedulers(tiny_folders, tmp_path):
+    service = GenerationService(tiny_folders["sd3"], log_path=tmp_path / "log.jsonl")
+    original = service.main.original_scheduler
+    assert scheduler_names(original) == ["default", "flow-euler", "flow-heun"]
+    for name in ("euler-ancestral", "dpmpp-2m", "ddim"):
+        with pytest.raises(SchedulerError, match="trained with flow matching .* broken or black images"):
+            make_scheduler(original, name)
+    with pytest.raises(SchedulerError, match="cannot be used"):
+        service.generate(GenerationRequest("a cat", steps=2, scheduler="dpmpp-2m-karras"))
+    shifted = make_scheduler(original, "flow-euler", shift=1.5)
+    assert shifted.config.shift == 1.5 and original.config.shift != 1.5
+    result = service.generate(GenerationRequest("a cat", steps=2, scheduler="flow-heun", seed=1))
+    assert np.isfinite(np.asarray(result.images[0])).all()
+    entries = service.history()
+    assert [e["status"] for e in entries] == ["ok", "error"]
+
+
+def test_sd3_without_t5_saves_its_memory(tiny_folders, tmp_path):
+    service = GenerationService(tiny_folders["sd3"], log_path=tmp_path / "log.jsonl", no_t5=True)
+    assert service.main.pipe.text_encoder_3 is None and service.main.pipe.tokenizer_3 is None
+    result = service.generate(GenerationRequest("a cat", steps=2, seed=0))
+    assert np.isfinite(np.asarray(result.images[0])).all()
+    with pytest.raises(RequestError, match="needs --device cuda"):
+        GenerationService(tiny_folders["sd3"], log_path=tmp_path / "log.jsonl", cpu_offload=True)
+
+
+def test_noise_model_offers_noise_schedulers(tiny_folders, tmp_path):
+    service = GenerationService(tiny_folders["sd15"], log_path=tmp_path / "log.jsonl")
+    names = scheduler_names(service.main.original_scheduler)
+    assert names[:1] == ["default"] and {"ddim", "euler-ancestral", "dpmpp-2m-karras", "unipc"} <= set(names)
+    assert "flow-euler" not in names and "lcm" not in names  # LCM only for LCM-distilled models
+    with pytest.raises(SchedulerError, match="is for flow-matching"):
+        make_scheduler(service.main.original_scheduler, "flow-euler")
+    karras = service.generate(GenerationRequest("a cat", steps=3, scheduler="dpmpp-2m-karras", seed=2))
+    ddim = service.generate(GenerationRequest("a cat", steps=3, scheduler="ddim", eta=0.5, seed=2))
+    assert karras.parameters["scheduler"] == "dpmpp-2m-karras" and ddim.parameters["eta"] == 0.5
+    assert np.asarray(karras.images[0]).tobytes() != np.asarray(ddim.images[0]).tobytes()
+
+
+def test_bounded_inputs(tiny_folders, tmp_path):
+    service = GenerationService(tiny_folders["sd15"], log_path=tmp_path / "log.jsonl", limits=Limits(max_steps=10))
+    bad = {
+        "the prompt is empty": GenerationRequest("   "),
+        "steps must be between 1 and 10": GenerationRequest("x", steps=11),
+        "width must be a multiple of 8": GenerationRequest("x", width=60),
+        "batch_size must be between 1 and 4": GenerationRequest("x", batch_size=5),
+        "prompts are limited to 1000 characters": GenerationRequest("x" * 1001),
+        "'eta' applies to the DDIM scheduler only": GenerationRequest("x", eta=0.3, scheduler="euler"),
+        "'shift' applies to flow-matching models only": GenerationRequest("x", shift=3.0),
+    }
+    for message, request in bad.items():
+        with pytest.raises(RequestError, match=message):
+            service.generate(request)
+    with pytest.raises(RequestError, match=r"unknown field\(s\) \['cfg'\]"):
+        GenerationRequest.from_json({"prompt": "x", "cfg": 3})
+    with pytest.raises(RequestError, match="'steps' must be int"):
+        GenerationRequest.from_json({"prompt": "x", "steps": "20"})
+    assert len(service.history(100)) == len(bad)
+
+
+def test_nan_latents_and_nan_images_give_a_clear_error(tiny_folders, tmp_path):
+    service = GenerationService(tiny_folders["sd15"], log_path=tmp_path / "log.jsonl")
+    pipe = service.main.pipe
+    with torch.no_grad():
+        saved = pipe.unet.conv_out.weight.clone()
+        pipe.unet.conv_out.weight[0, 0, 0, 0] = float("nan")
+        with pytest.raises(NonFiniteError, match="NaN/inf latents at step 1 of 3"):
+            service.generate(GenerationRequest("a cat", steps=3))
+        pipe.unet.conv_out.weight.copy_(saved)
+        pipe.vae.decoder.conv_out.bias[0] = float("nan")
+        with pytest.raises(NonFiniteError, match="decoded image contains NaN/inf .* upcast the VAE"):
+            service.generate(GenerationRequest("a cat", steps=3))
+    assert [e["error_type"] for e in service.history()] == ["NonFiniteError", "NonFiniteError"]
+
+
+def test_png_parameters_chunk_round_trips(tmp_path):
+    parameters = {
+        "prompt": "a cat, wearing: a hat",
+        "negative_prompt": "blurry, dark",
+        "steps": 20,
+        "scheduler": "DDIMScheduler",
+        "guidance": 7.5,
+        "seed": 1234,
+        "width": 64,
+        "height": 48,
+        "model": "/models/tiny-sd15",
+        "quantization": "W8A8 (w8a8)",
+    }
+    save_png(Image.new("RGB", (64, 48)), tmp_path / "x.png", parameters)
+    text = Image.open(tmp_path / "x.png").text["parameters"]
+    assert text == a1111_parameters(parameters)
+    parsed = parse_a1111_parameters(text)
+    assert parsed == {
+        "prompt": "a cat, wearing: a hat",
+        "negative_prompt": "blurry, dark",
+        "Steps": "20",
+        "Sampler": "DDIMScheduler",
+        "CFG scale": "7.5",
+        "Seed": "1234",
+        "Size": "64x48",
+        "Model": "tiny-sd15",
+        "Quantization": "W8A8 (w8a8)",
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# A real server on loopback
+
+
+class _Server:
+    def __init__(self, service: GenerationService):
+        import uvicorn
+
+        from quantdiff.serving.app import build_app
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.service = service
+        self.server = uvicorn.Server(
+            uvicorn.Config(build_app(service), host="127.0.0.1", port=self.port, log_level="error")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if _get(self.url + "/api/health")[0] == 200:
+                    return self
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError("server did not start")
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def _get(url):
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return response.status, json.loads(response.read())
+
+
+def _post(url, body):
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_http_api_under_20_concurrent_requests(tiny_folders, tmp_path):
+    service = GenerationService(tiny_folders["sd15"], log_path=tmp_path / "log.jsonl", limits=Limits(queue_size=4))
+    with _Server(service) as server:
+        status, body = _post(server.url + "/api/generate", {"prompt": "a cat", "seed": 7, "steps": 2})
+        assert status == 200 and body["seed"] == 7 and body["parameters"]["steps"] == 2
+        image = Image.open(io.BytesIO(base64.b64decode(body["image_png_base64"])))
+        assert image.size == (64, 64) and "Seed: 7" in image.text["parameters"]
+        assert _post(server.url + "/api/generate", {"prompt": ""})[0] == 400
+        assert _post(server.url + "/api/generate", {"prompt": "x", "scheduler": "flow-euler"})[0] == 400
+
+        with ThreadPoolExecutor(20) as pool:
+            answers = list(
+                pool.map(lambda i: _post(server.url + "/api/generate", {"prompt": f"cat {i}", "steps": 3}), range(20))
+            )
+        codes = [code for code, _ in answers]
+        assert set(codes) <= {200, 503}, codes
+        assert codes.count(200) >= 4  # at least a full queue's worth is served
+        for code, body in answers:
+            assert ("image_png_base64" in body) if code == 200 else ("queue is full" in body["error"])
+        assert _get(server.url + "/api/health")[0] == 200  # still up
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert len(lines) == 3 + 20  # every request is in the log, rejected ones included
+    statuses = [json.loads(line)["status"] for line in lines[3:]]
+    assert statuses.count("ok") == codes.count(200)
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium")
+
+
+@pytest.mark.skipif(_chromium() is None and os.environ.get("CI") != "true", reason="needs Debian's chromium")
+def test_browser_generates_shows_history_and_survives_bad_input(tiny_folders, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    assert _chromium() is not None, "CI must install chromium (scripts/test.sh does)"
+    service = GenerationService(tiny_folders["sd15"], log_path=tmp_path / "log.jsonl", outputs=tmp_path / "images")
+    args = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ]
+    with _Server(service) as server, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=_chromium(), args=args)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.set_default_timeout(PAGE_TIMEOUT_MS)
+        page.goto(server.url + "/", wait_until="networkidle")
+
+        page.locator("#prompt textarea").fill("a lighthouse at dawn")
+        page.locator("#generate").click()
+        expect(page.locator("#info")).to_contain_text("seed", timeout=PAGE_TIMEOUT_MS)
+        expect(page.locator("#images img").first).to_be_visible()
+        info = page.locator("#info").inner_text()
+        shown_seed = page.locator("#seed input").input_value()
+        assert f"seed {shown_seed}" in info
+
+        page.locator("#prompt textarea").fill("")
+        page.locator("#generate").click()
+        expect(page.locator("#error")).to_contain_text("the prompt is empty")
+
+        page.locator("#prompt textarea").fill("a red fox in the snow")
+        page.locator("#randomize input").uncheck()
+        page.locator("#seed input").fill("42")
+        page.locator("#generate").click()
+        expect(page.locator("#info")).to_contain_text("seed 42")
+        expect(page.locator("#error")).not_to_contain_text("Error")
+        page.screenshot(path=os.environ.get("QUANTDIFF_SCREENSHOT", str(tmp_path / "serve.png")), full_page=True)
+
+        page.get_by_role("tab", name="History").click()
+        page.locator("#refresh-history").click()
+        history = page.locator("#history")
+        expect(history).to_contain_text("a red fox in the snow")
+        expect(history).to_contain_text("a lighthouse at dawn")
+        expect(history).to_contain_text("the prompt is empty")
+        browser.close()
+    statuses = [json.loads(line)["status"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert statuses == ["ok", "error", "ok"]
+    assert len(list(Path(tmp_path / "images").glob("*.png"))) == 2
