@@ -109,6 +109,31 @@ def test_nan_latents_and_nan_images_give_a_clear_error(tiny_folders, tmp_path):
     assert [e["error_type"] for e in service.history()] == ["NonFiniteError", "NonFiniteError"]
 
 
+def test_compare_mode_runs_both_models_on_the_same_seed(tiny_folders, tmp_path):
+    from quantdiff.cli import main
+
+    quantized = tmp_path / "q"
+    assert main(["--quiet", "quantize", tiny_folders["sd15"], "--recipe", "w8a16", "--out", str(quantized)]) == 0
+    service = GenerationService(str(quantized), compare=tiny_folders["sd15"], log_path=tmp_path / "log.jsonl")
+    first, second, similarity = service.compare(GenerationRequest("a cat", steps=3, seed=5))
+    assert first.seed == second.seed == 5
+    assert first.parameters["quantization"] == "W8A16 (w8a16)" and second.parameters["quantization"] is None
+    assert 20 < similarity["psnr"] < float("inf") and 0.5 < similarity["ssim"] < 1.0
+    (entry,) = service.history()
+    assert entry["kind"] == "compare" and entry["similarity"] == similarity
+
+
+def test_bundled_names_resolve_to_a_cached_folder(tmp_path, monkeypatch):
+    from quantdiff.pipelines.bundled import resolve_model
+
+    monkeypatch.setenv("QUANTDIFF_CACHE", str(tmp_path))
+    folder = resolve_model("tiny-sd3")
+    assert Path(folder) == tmp_path / "models" / "tiny-sd3" and (Path(folder) / "model_index.json").is_file()
+    stamp = (Path(folder) / "model_index.json").stat().st_mtime_ns
+    assert resolve_model("tiny-sd3") == folder and (Path(folder) / "model_index.json").stat().st_mtime_ns == stamp
+    assert resolve_model("not-a-bundled-name") == "not-a-bundled-name"
+
+
 def test_png_parameters_chunk_round_trips(tmp_path):
     parameters = {
         "prompt": "a cat, wearing: a hat",

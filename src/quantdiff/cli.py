@@ -61,14 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     calibrate = verbs.add_parser("calibrate", help="run the FP pipeline on prompts and record denoiser inputs")
-    calibrate.add_argument("model", metavar="MODEL_DIR", help="diffusers pipeline folder")
+    calibrate.add_argument(
+        "model", metavar="MODEL_DIR", help="diffusers pipeline folder, or a bundled name (tiny-sd15, ...)"
+    )
     calibrate.add_argument("--out", required=True, help="output folder for the calibration data")
     calibrate.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _calibration_options(calibrate)
     _runtime_options(calibrate)
 
     quantize = verbs.add_parser("quantize", help="quantize the denoiser and save it")
-    quantize.add_argument("model", metavar="MODEL_DIR", help="diffusers pipeline folder")
+    quantize.add_argument(
+        "model", metavar="MODEL_DIR", help="diffusers pipeline folder, or a bundled name (tiny-sd15, ...)"
+    )
     quantize.add_argument(
         "--recipe", default="w8a8", help=f"preset ({', '.join(PRESETS)}) or a .json/.yaml recipe file (default w8a8)"
     )
@@ -302,6 +306,12 @@ def _quiet_libraries(progress: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries(progress=not args.quiet)
+    if hasattr(args, "model"):
+        from quantdiff.pipelines.bundled import resolve_model
+
+        args.model = resolve_model(args.model)
+        if getattr(args, "compare", None):
+            args.compare = resolve_model(args.compare)
     try:
         return _COMMANDS[args.verb](args)
     except QuantDiffError as error:
