@@ -16,7 +16,8 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -311,23 +312,20 @@ class GenerationService:
         self._log({**entry, "similarity": similarity, "compare_seconds": second.seconds}, started, result=first)
         return first, second, similarity
 
-    def _admitted(self):
-        service = self
-
-        class _Admission:
-            def __enter__(self):
-                with service._admission:
-                    if service._waiting >= service.limits.queue_size:
-                        raise QueueFullError(
-                            f"the queue is full ({service.limits.queue_size} requests waiting): try again shortly"
-                        )
-                    service._waiting += 1
-
-            def __exit__(self, *exc):
-                with service._admission:
-                    service._waiting -= 1
-
-        return _Admission()
+    @contextmanager
+    def _admitted(self) -> Iterator[None]:
+        """Count this request as waiting or running; refuse it when ``queue_size`` already are."""
+        with self._admission:
+            if self._waiting >= self.limits.queue_size:
+                raise QueueFullError(
+                    f"the queue is full ({self.limits.queue_size} requests waiting): try again shortly"
+                )
+            self._waiting += 1
+        try:
+            yield
+        finally:
+            with self._admission:
+                self._waiting -= 1
 
     def _run(self, slot: ModelSlot, parameters: dict[str, Any], progress: ProgressCallback | None) -> GenerationResult:
         with slot.lock:
@@ -386,8 +384,7 @@ class GenerationService:
         if self.outputs is not None:
             stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
             for index, image in enumerate(pil_images):
-                png = dict(record, steps=record["steps"], guidance=record["guidance"])
-                result.paths.append(save_png(image, self.outputs / f"{stamp}-{slot.name}-{index}.png", png))
+                result.paths.append(save_png(image, self.outputs / f"{stamp}-{slot.name}-{index}.png", record))
         return result
 
     def _call_kwargs(self, slot: ModelSlot, parameters: dict[str, Any], on_step) -> dict[str, Any]:
