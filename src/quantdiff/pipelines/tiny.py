@@ -59,7 +59,7 @@ from transformers import (
     T5Tokenizer,
 )
 
-__all__ = ["TINY_ARCHITECTURES", "build_tiny_pipeline", "save_tiny_pipeline"]
+__all__ = ["TINY_ARCHITECTURES", "build_clip_tokenizer", "build_tiny_pipeline", "save_tiny_pipeline"]
 
 TINY_ARCHITECTURES: tuple[str, ...] = ("sd15", "sdxl", "sd3", "pixart")
 
@@ -401,14 +401,18 @@ def _t5_text_encoder(tokenizer: T5Tokenizer) -> T5EncoderModel:
 
 
 def _clip_tokenizer() -> CLIPTokenizer:
-    """A CLIP byte-level BPE tokenizer, written as ``vocab.json`` + ``merges.txt`` and loaded from them.
+    return build_clip_tokenizer(_PROMPT_CORPUS)
+
+
+def build_clip_tokenizer(corpus: Iterable[str], min_frequency: int = 2, model_max_length: int = 77) -> CLIPTokenizer:
+    """A CLIP byte-level BPE tokenizer learned from ``corpus``, written as ``vocab.json`` + ``merges.txt``.
 
     The layout is CLIP's: the 256 byte-level characters, the same with the ``</w>`` end-of-word suffix,
-    one token per merge, then ``<|startoftext|>`` and ``<|endoftext|>``. Words of the built-in corpus
-    become single tokens; anything else falls back to (byte-level) characters.
+    one token per merge, then ``<|startoftext|>`` and ``<|endoftext|>``. Words seen at least
+    ``min_frequency`` times become single tokens; anything else falls back to (byte-level) characters.
     """
     alphabet = list(_bytes_to_unicode().values())
-    merges = _learn_bpe_merges(re.findall(r"[a-z]+", " ".join(_PROMPT_CORPUS).lower()))
+    merges = _learn_bpe_merges(re.findall(r"[a-z0-9]+", " ".join(corpus).lower()), min_frequency)
     tokens = alphabet + [f"{char}</w>" for char in alphabet] + ["".join(pair) for pair in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     with tempfile.TemporaryDirectory() as folder:
@@ -417,7 +421,7 @@ def _clip_tokenizer() -> CLIPTokenizer:
         merges_lines = ["#version: 0.2", *(f"{left} {right}" for left, right in merges)]
         merges_file.write_text("\n".join(merges_lines) + "\n", encoding="utf-8")
         # Without model_max_length the pipelines' padding="max_length" pads to a huge length.
-        return CLIPTokenizer(vocab=str(vocab_file), merges=str(merges_file), model_max_length=77)
+        return CLIPTokenizer(vocab=str(vocab_file), merges=str(merges_file), model_max_length=model_max_length)
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -1,0 +1,220 @@
+"""Train ``digits-sd``: a small text-to-image model in the real ``StableDiffusionPipeline`` layout.
+
+The coloured-digits captions (``quantdiff.evaluation.digits``) are learnable in minutes on a CPU yet
+need everything a real text-to-image model has: a VAE, a text encoder, cross-attention and
+classifier-free guidance. The result is the project's default model: a pipeline folder that
+``from_pretrained`` loads like any Stable Diffusion checkpoint, so the whole quantdiff flow runs on it
+and its quality can be measured offline.
+
+Stages (deterministic from ``seed``):
+
+1. render a pool of captioned training images (training source digits, training colour combinations);
+2. train an ``AutoencoderKL`` (32x32x3 <-> 8x8x4) with an L2 + tiny KL loss, then set its
+   ``scaling_factor`` so latents have unit variance, as Stable Diffusion does;
+3. train a ``UNet2DConditionModel`` and a small ``CLIPTextModel`` together with the DDPM epsilon loss,
+   captions dropped 10% of the time for classifier-free guidance, and an EMA of the UNet weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from tqdm.auto import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from quantdiff.evaluation.digits import CAPTION_TEMPLATES, COLOURS, DIGIT_WORDS, make_dataset
+from quantdiff.pipelines.tiny import build_clip_tokenizer
+
+# Longest caption is ~12 words; 20 tokens leave room for <|startoftext|> / <|endoftext|> and keep the
+# text encoder and cross-attention cheap.
+MAX_TOKENS = 20
+
+
+@dataclass(frozen=True)
+class DigitsSDConfig:
+    """Sizes and schedule of a ``digits-sd`` training run."""
+
+    seed: int = 0
+    pool_size: int = 40_000
+    vae_steps: int = 2_000
+    vae_lr: float = 1e-3
+    denoiser_steps: int = 12_000
+    denoiser_lr: float = 4e-4
+    batch_size: int = 64
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    threads: int = 2
+
+
+def caption_vocabulary() -> list[str]:
+    """Every caption template filled with every word it can hold: the text the tokenizer learns from."""
+    fills = [dict(fg=c, bg=c, word=w, num=str(n)) for c in COLOURS for n, w in enumerate(DIGIT_WORDS)]
+    return [template.format(**fill) for template in CAPTION_TEMPLATES for fill in fills]
+
+
+def build_components(seed: int = 0) -> dict:
+    """Untrained components of the pipeline, deterministic from ``seed``."""
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer(caption_vocabulary(), min_frequency=1, model_max_length=MAX_TOKENS)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_TOKENS,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(64, 128),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    # A cosine schedule suits 8x8 latents: the linear SD schedule destroys small images too early.
+    train_scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon"
+    )
+    return {
+        "tokenizer": tokenizer,
+        "text_encoder": text_encoder,
+        "vae": vae,
+        "unet": unet,
+        "scheduler": train_scheduler,
+    }
+
+
+def _images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (N, 3, 32, 32) in [-1, 1]
+
+
+def _cosine_lr(step: int, total: int, warmup: int = 200) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def train_vae(vae: AutoencoderKL, pool: torch.Tensor, config: DigitsSDConfig, log: Callable[[str], None]) -> None:
+    """Reconstruction (L2) plus a tiny KL term, then ``scaling_factor`` = 1 / std of the latents."""
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine_lr(s, config.vae_steps))
+    vae.train()
+    for step in tqdm(range(config.vae_steps), desc="vae", mininterval=10):
+        batch = pool[torch.randint(len(pool), (config.batch_size,), generator=generator)]  # (B, 3, 32, 32)
+        posterior = vae.encode(batch).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator=generator)).sample
+        loss = F.mse_loss(reconstruction, batch) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 500 == 0 or step == config.vae_steps - 1:
+            log(f"vae step {step}: loss {loss.item():.5f}")
+    vae.eval()
+    with torch.no_grad():
+        sample = pool[: min(len(pool), 4096)]
+        latents = torch.cat([vae.encode(sample[i : i + 512]).latent_dist.mode() for i in range(0, len(sample), 512)])
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+
+
+def train_denoiser(
+    components: dict, pool: torch.Tensor, captions: list[str], config: DigitsSDConfig, log: Callable[[str], None]
+) -> UNet2DConditionModel:
+    """Joint UNet + text-encoder training with the epsilon loss; returns the EMA UNet."""
+    tokenizer, text_encoder = components["tokenizer"], components["text_encoder"]
+    vae, unet, scheduler = components["vae"], components["unet"], components["scheduler"]
+    generator = torch.Generator().manual_seed(config.seed + 2)
+    with torch.no_grad():  # the VAE is frozen now: encode the pool once
+        latents = torch.cat([vae.encode(pool[i : i + 512]).latent_dist.mode() for i in range(0, len(pool), 512)])
+        latents = latents * vae.config.scaling_factor  # (N, 4, 8, 8)
+    tokens = tokenizer(
+        captions + [""], padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
+    ).input_ids  # (N + 1, T); the last row is the empty caption
+    empty = len(captions)
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    parameters = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=config.denoiser_lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine_lr(s, config.denoiser_steps))
+    unet.train()
+    text_encoder.train()
+    started = time.time()
+    for step in tqdm(range(config.denoiser_steps), desc="unet+text", mininterval=10):
+        index = torch.randint(len(latents), (config.batch_size,), generator=generator)
+        dropped = torch.rand(config.batch_size, generator=generator) < config.caption_dropout
+        ids = tokens[torch.where(dropped, torch.full_like(index, empty), index)]  # (B, T)
+        x0 = latents[index]  # (B, 4, 8, 8)
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
+        noisy = scheduler.add_noise(x0, noise, t)
+        context = text_encoder(ids)[0]  # (B, T, 64)
+        loss = F.mse_loss(unet(noisy, t, encoder_hidden_states=context).sample, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        schedule.step()
+        with torch.no_grad():
+            decay = min(config.ema_decay, (1 + step) / (10 + step))  # warm-up: early weights fade fast
+            for average, current in zip(ema.parameters(), unet.parameters(), strict=True):
+                average.lerp_(current, 1 - decay)
+        if step % 1000 == 0 or step == config.denoiser_steps - 1:
+            log(f"denoiser step {step}: loss {loss.item():.4f} ({time.time() - started:.0f} s)")
+    text_encoder.eval()
+    return ema.eval()
+
+
+def train_digits_sd(
+    out: str | os.PathLike, config: DigitsSDConfig = DigitsSDConfig(), log: Callable[[str], None] = print
+) -> Path:
+    """Train and save the pipeline to ``out`` (fp16 safetensors; load it in fp32 for CPU inference)."""
+    torch.set_num_threads(config.threads)
+    data = make_dataset(config.pool_size, split="train", seed=config.seed, combos="train")
+    pool = _images_to_tensor(data.images)
+    components = build_components(config.seed)
+    train_vae(components["vae"], pool, config, log)
+    unet = train_denoiser(components, pool, data.captions, config, log)
+    scheduler = DDIMScheduler.from_config(components["scheduler"].config, clip_sample=False, set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(
+        vae=components["vae"],
+        text_encoder=components["text_encoder"],
+        tokenizer=components["tokenizer"],
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    return Path(out)
