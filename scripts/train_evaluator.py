@@ -1,6 +1,6 @@
 """Trains the digits evaluator CNN and writes it as safetensors (the shipped file by default).
 
-    python scripts/train_evaluator.py --seed 0 --steps 1500
+    python scripts/train_evaluator.py --seed 0 --steps 1000
 
 Prints per-head accuracy on held-out renders: eval-split source digits the evaluator never saw, over
 all combinations and over the held-out combinations alone. Reproducible from the seed on one thread.
@@ -32,7 +32,7 @@ CHECKS = (
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (results are reproducible per count)")
