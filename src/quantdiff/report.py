@@ -34,20 +34,22 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 from typing import Any
 
 from safetensors import safe_open
 
-from quantdiff.plan import QuantPlan
-from quantdiff.recipe import Recipe
+from quantdiff.pipelines.loading import read_pipeline_folder
+from quantdiff.plan import QuantPlan, resolve_plan
+from quantdiff.quantize import build_skeleton
+from quantdiff.recipe import PRESETS, Recipe, load_recipe
+from quantdiff.serialization import read_quantized_folder
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def report_quantized_folder(path: str | os.PathLike) -> dict[str, Any]:
     """Report of a folder written by ``save_quantized``."""
-    from quantdiff.serialization import read_quantized_folder
-
     folder = read_quantized_folder(path)
     tensors: dict[str, tuple[tuple[int, ...], int, bool]] = {}
     with safe_open(folder.weights_path, framework="pt") as handle:
@@ -63,35 +65,22 @@ def report_quantized_folder(path: str | os.PathLike) -> dict[str, Any]:
 
 def report_pipeline_folder(path: str | os.PathLike, recipe: Recipe | str | None = None) -> dict[str, Any]:
     """Report of a plain pipeline folder: its denoiser in floating point, or as ``recipe`` would make it."""
-    from quantdiff.pipelines.loading import read_pipeline_folder
-    from quantdiff.plan import resolve_plan
-    from quantdiff.quantize import build_skeleton
-    from quantdiff.recipe import load_recipe
-
     folder = read_pipeline_folder(path)
     denoiser = folder.denoiser_skeleton()
-    plan = None
     if recipe is not None:
         recipe = load_recipe(recipe)
         plan = resolve_plan(denoiser, recipe, folder.architecture)
         build_skeleton(denoiser, plan)
-    else:
-        from quantdiff.recipe import PRESETS
-
-        # No recipe: list the layers as all floating point.
-        plan = resolve_plan(denoiser, PRESETS["w8a16"], folder.architecture)
-        plan = QuantPlan(tuple(_as_float(layer) for layer in plan))
+    else:  # no recipe: list the candidate layers, all in floating point
+        candidates = resolve_plan(denoiser, PRESETS["w8a16"], folder.architecture)
+        plan = QuantPlan(
+            tuple(replace(layer, weights=None, activations=None, reason="floating point") for layer in candidates)
+        )
     tensors = {
         name: (tuple(t.shape), t.element_size(), t.is_floating_point())
         for name, t in list(denoiser.named_parameters()) + list(denoiser.named_buffers())
     }
     return _report(str(folder.path), False, plan, recipe, folder.architecture.name, folder.denoiser_class, tensors)
-
-
-def _as_float(layer):
-    from dataclasses import replace
-
-    return replace(layer, weights=None, activations=None, reason="floating point (no recipe given)")
 
 
 def _report(path, quantized: bool, plan: QuantPlan, recipe, architecture, denoiser_class, tensors) -> dict[str, Any]:

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from quantdiff.errors import QuantDiffError
+from quantdiff.evaluation.metrics import psnr, ssim
 from quantdiff.generate import load_any_pipeline, save_png
 from quantdiff.pipelines.loading import denoiser_of
 from quantdiff.quantize import quantization_info
@@ -286,8 +287,6 @@ class GenerationService:
         self, request: GenerationRequest, progress: ProgressCallback | None = None
     ) -> tuple[GenerationResult, GenerationResult, dict[str, float]]:
         """The same request and seed on both models; returns both results and PSNR / SSIM between them."""
-        from quantdiff.evaluation.metrics import psnr, ssim
-
         if len(self.slots) < 2:
             raise RequestError("compare mode needs a second model: start the server with --compare DIR")
         started = time.time()
