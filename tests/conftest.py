@@ -34,6 +34,16 @@ def _deterministic_torch():
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(autouse=True)
+def _grad_mode_is_not_leaked():
+    """Fail the test that leaves autograd globally disabled (later tests that train would break)."""
+    assert torch.is_grad_enabled(), "an earlier test or fixture left autograd disabled"
+    yield
+    leaked = not torch.is_grad_enabled()
+    torch.set_grad_enabled(True)
+    assert not leaked, "this test left autograd globally disabled"
+
+
 @pytest.fixture(scope="session")
 def tiny_folders(tmp_path_factory) -> dict[str, str]:
     """arch -> folder of a saved tiny pipeline (built once per test session)."""

@@ -114,10 +114,12 @@ class CalibrationSet:
         parameter = next(denoiser.parameters(), None)
         device = parameter.device if parameter is not None else torch.device("cpu")
         dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
-        with torch.no_grad():
-            for record in tqdm(self.records, desc=desc, disable=not progress, leave=False):
+        for record in tqdm(self.records, desc=desc, disable=not progress, leave=False):
+            # no_grad around the call only: a `yield` inside it would leave autograd disabled in the
+            # caller for as long as this generator is suspended.
+            with torch.no_grad():
                 output = denoiser(**_to(record.inputs, device, dtype))
-                yield denoiser_output(output)
+            yield denoiser_output(output)
 
     def save(self, folder: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the set as safetensors shards plus ``index.json``, atomically."""

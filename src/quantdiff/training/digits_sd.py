@@ -200,6 +200,11 @@ def train_digits_sd(
 ) -> Path:
     """Train and save the pipeline to ``out`` (fp16 safetensors; load it in fp32 for CPU inference)."""
     torch.set_num_threads(config.threads)
+    with torch.enable_grad():  # training must not depend on the caller's grad mode
+        return _train(out, config, log)
+
+
+def _train(out: str | os.PathLike, config: DigitsSDConfig, log: Callable[[str], None]) -> Path:
     data = make_dataset(config.pool_size, split="train", seed=config.seed, combos="train")
     pool = _images_to_tensor(data.images)
     components = build_components(config.seed)
