@@ -6,6 +6,7 @@ generator lives on the CPU whatever the device), so their images can be compared
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from pathlib import Path
@@ -114,11 +115,18 @@ def parse_a1111_parameters(text: str) -> dict[str, str]:
     return parsed
 
 
+def png_bytes(image: Image.Image, parameters: dict[str, Any]) -> bytes:
+    """``image`` encoded as PNG with its settings in a ``parameters`` text chunk."""
+    chunk = PngImagePlugin.PngInfo()
+    chunk.add_text("parameters", a1111_parameters(parameters))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=chunk)
+    return buffer.getvalue()
+
+
 def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict[str, Any]) -> Path:
     """Save ``image`` as PNG with its settings in a ``parameters`` text chunk."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    chunk = PngImagePlugin.PngInfo()
-    chunk.add_text("parameters", a1111_parameters(parameters))
-    image.save(path, format="PNG", pnginfo=chunk)
+    path.write_bytes(png_bytes(image, parameters))
     return path

@@ -43,7 +43,7 @@ from quantdiff.pipelines.loading import read_pipeline_folder
 from quantdiff.plan import QuantPlan, resolve_plan
 from quantdiff.quantize import build_skeleton
 from quantdiff.recipe import PRESETS, Recipe, load_recipe
-from quantdiff.serialization import read_quantized_folder
+from quantdiff.serialization import all_tensors, read_quantized_folder
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
@@ -77,8 +77,7 @@ def report_pipeline_folder(path: str | os.PathLike, recipe: Recipe | str | None 
             tuple(replace(layer, weights=None, activations=None, reason="floating point") for layer in candidates)
         )
     tensors = {
-        name: (tuple(t.shape), t.element_size(), t.is_floating_point())
-        for name, t in list(denoiser.named_parameters()) + list(denoiser.named_buffers())
+        name: (tuple(t.shape), t.element_size(), t.is_floating_point()) for name, t in all_tensors(denoiser).items()
     }
     return _report(str(folder.path), False, plan, recipe, folder.architecture.name, folder.denoiser_class, tensors)
 

@@ -150,7 +150,7 @@ def save_quantized(
                     (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, staging / entry.name)
         (staging / component).mkdir()
         shutil.copy2(base.path / component / "config.json", staging / component / "config.json")
-        tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in _all_tensors(denoiser).items()}
+        tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in all_tensors(denoiser).items()}
         save_file(tensors, staging / component / WEIGHTS_NAME, metadata={"format": QUANT_METHOD})
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=1))
     return Path(out)
@@ -248,7 +248,7 @@ def load_quantized_pipeline(
     )
 
 
-def _all_tensors(module: nn.Module) -> dict[str, Tensor]:
+def all_tensors(module: nn.Module) -> dict[str, Tensor]:
     """Parameters and *all* buffers, non-persistent ones included, so loading needs no re-initialisation."""
     tensors = dict(module.named_parameters())
     tensors.update(module.named_buffers())
@@ -269,7 +269,7 @@ def _read_tensors(path: Path) -> dict[str, Tensor]:
 
 def _assign(model: nn.Module, tensors: dict[str, Tensor], source: Path) -> None:
     """Put stored tensors into a meta skeleton, checking that names and shapes match exactly."""
-    expected = _all_tensors(model)
+    expected = all_tensors(model)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:

@@ -14,7 +14,6 @@ guard and request log are shared. HTTP API::
 from __future__ import annotations
 
 import base64
-import io
 from typing import Any
 
 import gradio as gr
@@ -23,7 +22,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from quantdiff.errors import QuantDiffError
-from quantdiff.generate import a1111_parameters
+from quantdiff.generate import png_bytes
 from quantdiff.serving.schedulers import scheduler_names
 from quantdiff.serving.service import GenerationRequest, GenerationService, NonFiniteError, QueueFullError
 
@@ -41,16 +40,6 @@ def _status(error: Exception) -> int:
     if isinstance(error, NonFiniteError):
         return 500
     return 400
-
-
-def _png_base64(image, parameters: dict[str, Any]) -> str:
-    from PIL import PngImagePlugin
-
-    chunk = PngImagePlugin.PngInfo()
-    chunk.add_text("parameters", a1111_parameters(parameters))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=chunk)
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def build_app(service: GenerationService) -> FastAPI:
@@ -78,7 +67,7 @@ def build_app(service: GenerationService) -> FastAPI:
             result = await run_in_threadpool(service.generate, generation)
         except QuantDiffError as error:
             return JSONResponse({"error": str(error)}, status_code=_status(error))
-        encoded = [_png_base64(image, result.parameters) for image in result.images]
+        encoded = [base64.b64encode(png_bytes(image, result.parameters)).decode() for image in result.images]
         return JSONResponse(
             {
                 "image_png_base64": encoded[0],
