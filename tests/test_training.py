@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from quantdiff.pipelines.loading import load_pipeline
-from quantdiff.training.digits_sd import DigitsSDConfig, build_components, caption_vocabulary, train_digits_sd
+from quantdiff.training.common import caption_vocabulary
+from quantdiff.training.digits_sd import DigitsSDConfig, build_components, train_digits_sd
 
 
 def test_caption_tokenizer_has_one_token_per_word():

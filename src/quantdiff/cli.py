@@ -1,4 +1,4 @@
-"""The ``quantdiff`` command line: calibrate, quantize, generate, inspect (and ``tiny`` for demos).
+"""The ``quantdiff`` command line: calibrate, quantize, generate, inspect, eval, serve (and ``tiny`` for demos).
 
 Every verb is a thin layer over the public Python API; user errors print one line and exit with 2.
 """
@@ -19,7 +19,10 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 def _calibration_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("calibration")
-    group.add_argument("--prompts", help="prompt file, one per line (default: the 64 prompts shipped with quantdiff)")
+    group.add_argument(
+        "--prompts",
+        help="prompt file, one per line (default: the model's own set, else the 64 shipped with quantdiff)",
+    )
     group.add_argument("--num-prompts", type=int, help="use only the first N prompts")
     group.add_argument(
         "--mode",
@@ -121,6 +124,30 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cpu-offload", action="store_true", help="with --device cuda: keep idle components on the CPU")
     serve.add_argument("--device", default="cpu", help="torch device (default cpu)")
 
+    evaluate = verbs.add_parser(
+        "eval", help="generate with the FP model and quantized folders on the same seeds; score and compare"
+    )
+    evaluate.add_argument(
+        "model", metavar="MODEL", help="floating-point pipeline folder, or a bundled name (digits-sd)"
+    )
+    evaluate.add_argument("quantized", metavar="QUANTIZED_DIR", nargs="*", help="quantized folders of MODEL")
+    evaluate.add_argument("--out", required=True, help="folder for report.json, report.md and grid.png")
+    evaluate.add_argument("--num-images", type=int, default=100, help="images per model (default 100)")
+    evaluate.add_argument("--prompts", help="prompt file, one per line (default: the model's own evaluation set)")
+    evaluate.add_argument("--steps", type=int, help="denoising steps (default: the evaluation set's, or pipeline's)")
+    evaluate.add_argument(
+        "--guidance", type=float, help="guidance scale (default: the evaluation set's, or pipeline's)"
+    )
+    evaluate.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
+    evaluate.add_argument("--batch-size", type=int, default=50, help="images per pipeline call (default 50)")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an existing report in --out")
+    real = evaluate.add_argument_group("real-model metrics (local weights only)")
+    real.add_argument("--inception-weights", metavar="FILE", help="FID Inception weights (.safetensors): FID vs FP")
+    real.add_argument("--clip-model", metavar="DIR", help="local CLIP folder (transformers): CLIPScore")
+    real.add_argument("--image-reward", metavar="FILE", help="ImageReward checkpoint (needs the image-reward package)")
+    real.add_argument("--image-reward-config", metavar="FILE", help="ImageReward med_config.json")
+    evaluate.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
     tiny = verbs.add_parser("tiny", help="build a tiny random-weight pipeline (for demos and tests)")
     tiny.add_argument("arch", choices=("sd15", "sdxl", "sd3", "pixart"))
     tiny.add_argument("--out", required=True)
@@ -143,8 +170,14 @@ def _num_timesteps(text: str) -> int | None:
 
 def _capture(args, pipe, model: str):
     from quantdiff.calibration import capture_calibration, read_prompts
+    from quantdiff.evaluation.prompt_sets import read_calibration_prompts, read_evaluation_set
 
-    prompts = read_prompts(args.prompts)
+    own = None if args.prompts else read_calibration_prompts(model)
+    prompts = own or read_prompts(args.prompts)
+    guidance = args.guidance
+    if guidance is None:  # calibrate at the guidance the model is meant to be used with, where it says so
+        evaluation = read_evaluation_set(model)
+        guidance = None if evaluation is None else evaluation.guidance
     if args.num_prompts is not None:
         if args.num_prompts < 1:
             raise QuantDiffError(f"--num-prompts must be at least 1, got {args.num_prompts}")
@@ -154,7 +187,7 @@ def _capture(args, pipe, model: str):
         prompts,
         num_inference_steps=args.steps,
         num_timesteps=_num_timesteps(args.num_timesteps),
-        guidance_scale=args.guidance,
+        guidance_scale=guidance,
         height=args.height,
         width=args.width,
         seed=args.seed,
@@ -282,6 +315,35 @@ def _cmd_tiny(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from quantdiff.calibration.prompts import read_prompts
+    from quantdiff.evaluate import EvalSettings, RealMetricWeights, evaluate, format_table, write_report
+
+    if (Path(args.out) / "report.json").exists() and not args.overwrite:
+        raise QuantDiffError(f"'{args.out}' already holds a report: choose another --out or pass --overwrite")
+    settings = EvalSettings(
+        num_images=args.num_images, steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size
+    )
+    weights = RealMetricWeights(args.inception_weights, args.clip_model, args.image_reward, args.image_reward_config)
+    prompts = read_prompts(args.prompts) if args.prompts else None
+    report, images = evaluate(
+        args.model,
+        args.quantized,
+        settings=settings,
+        prompts=prompts,
+        real_weights=weights,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    folder = write_report(report, images, args.out)
+    print(format_table(report))
+    floor = report.reference.get("fid_digits_floor")
+    if floor is not None:
+        print(f"FID-digits floor (second real set): {floor:.2f}")
+    print(f"report.json, report.md, grid.png -> {folder}")
+    return 0
+
+
 _COMMANDS = {
     "calibrate": _cmd_calibrate,
     "quantize": _cmd_quantize,
@@ -289,6 +351,7 @@ _COMMANDS = {
     "inspect": _cmd_inspect,
     "serve": _cmd_serve,
     "tiny": _cmd_tiny,
+    "eval": _cmd_eval,
 }
 
 

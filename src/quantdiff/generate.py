@@ -6,9 +6,11 @@ generator lives on the CPU whatever the device), so their images can be compared
 
 from __future__ import annotations
 
+import inspect
 import io
 import os
 import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +82,27 @@ def generate(
         "quantization": None if info is None else f"{info.recipe.label} ({info.recipe.name})",
     }
     return image, parameters
+
+
+def step_callback_kwargs(
+    pipe, on_step: Callable[[int, torch.Tensor], None], accepted: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Pipeline call arguments that make it call ``on_step(step, latents)`` after every denoising step.
+
+    Current pipelines take ``callback_on_step_end``; older ones (PixArt) the legacy ``callback``. The
+    latents of the last call are the final latents, before the VAE decodes them.
+    """
+    accepted = inspect.signature(pipe.__call__).parameters if accepted is None else accepted
+    if "callback_on_step_end" in accepted:
+
+        def step_end(pipe, step, timestep, callback_kwargs):
+            on_step(step, callback_kwargs["latents"])
+            return callback_kwargs
+
+        return {"callback_on_step_end": step_end, "callback_on_step_end_tensor_inputs": ["latents"]}
+    if "callback" in accepted:
+        return {"callback": lambda step, timestep, latents: on_step(step, latents), "callback_steps": 1}
+    return {}
 
 
 def a1111_parameters(parameters: dict[str, Any]) -> str:

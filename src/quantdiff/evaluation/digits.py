@@ -423,6 +423,20 @@ def make_dataset(n: int, *, split: str = "train", seed: int = 0, combos: str = "
     return DigitsDataset(images=rendered, specs=specs, captions=captions, sources=sources)
 
 
+def render_specs(specs: Sequence[DigitSpec], *, split: str = "eval", seed: int = 0) -> np.ndarray:
+    """Real images of exactly ``specs`` (a source digit of the right class from ``split`` for each): the
+    reference set a generator's images for the same prompts are compared with. (N, 32, 32, 3) uint8."""
+    indices = source_split(split)
+    images, targets = _load_sources()
+    by_digit = [indices[targets[indices] == d] for d in range(10)]
+    rng = np.random.default_rng([seed, _SPLITS.index(split), 99])
+    n = len(specs)
+    sources = np.array([by_digit[s.digit][rng.integers(len(by_digit[s.digit]))] for s in specs], dtype=np.int64)
+    fg = np.array([PALETTE[s.foreground] for s in specs], dtype=np.float64).reshape(n, 3)
+    bg = np.array([PALETTE[s.background] for s in specs], dtype=np.float64).reshape(n, 3)
+    return render_batch(images[sources].reshape(n, SOURCE_SIZE, SOURCE_SIZE), fg, bg, rng)
+
+
 def evaluation_prompts(n: int, seed: int = 0, *, heldout_fraction: float = 0.3) -> list[tuple[str, DigitSpec]]:
     """Prompts for judging a generator: (caption, spec), ``round(n * heldout_fraction)`` of held-out combos.
 

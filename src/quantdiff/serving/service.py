@@ -30,7 +30,7 @@ from PIL import Image
 
 from quantdiff.errors import QuantDiffError
 from quantdiff.evaluation.metrics import psnr, ssim
-from quantdiff.generate import load_any_pipeline, save_png
+from quantdiff.generate import load_any_pipeline, save_png, step_callback_kwargs
 from quantdiff.pipelines.loading import denoiser_of
 from quantdiff.quantize import quantization_info
 from quantdiff.serving.schedulers import DEFAULT, make_scheduler, scheduler_family
@@ -402,17 +402,7 @@ class GenerationService:
         if parameters["eta"] is not None:
             kwargs["eta"] = parameters["eta"]
         accepted = slot.call_parameters
-        if "callback_on_step_end" in accepted:
-
-            def step_end(pipe, step, timestep, callback_kwargs):
-                on_step(step, callback_kwargs["latents"])
-                return callback_kwargs
-
-            kwargs["callback_on_step_end"] = step_end
-            kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
-        elif "callback" in accepted:  # older pipelines (PixArt): callback(step, timestep, latents)
-            kwargs["callback"] = lambda step, timestep, latents: on_step(step, latents)
-            kwargs["callback_steps"] = 1
+        kwargs.update(step_callback_kwargs(slot.pipe, on_step, accepted))
         return {name: value for name, value in kwargs.items() if name in accepted}
 
     # ------------------------------------------------------------------ log and status

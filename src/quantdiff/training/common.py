@@ -1,0 +1,85 @@
+"""Pieces both digits trainers share: captions, image tensors, learning-rate schedule, weight averaging."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from tqdm.auto import tqdm
+
+from quantdiff.evaluation.digits import CAPTION_TEMPLATES, COLOURS, DIGIT_WORDS
+
+# Longest caption is ~12 words; 20 tokens leave room for <|startoftext|> / <|endoftext|> and keep the
+# text encoders and the text side of attention cheap.
+MAX_TOKENS = 20
+
+
+def caption_vocabulary() -> list[str]:
+    """Every caption template filled with every word it can hold: the text the tokenizer learns from."""
+    fills = [dict(fg=c, bg=c, word=w, num=str(n)) for c in COLOURS for n, w in enumerate(DIGIT_WORDS)]
+    return [template.format(**fill) for template in CAPTION_TEMPLATES for fill in fills]
+
+
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1], the range diffusers' VAEs expect."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def cosine_lr(step: int, total: int, warmup: int = 200) -> float:
+    """Linear warm-up, then cosine decay to zero: the factor LambdaLR multiplies the base rate by."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+@torch.no_grad()
+def update_ema(average: torch.nn.Module, current: torch.nn.Module, step: int, decay: float) -> None:
+    """Exponential moving average of the weights; early on the decay is smaller so random init fades fast."""
+    decay = min(decay, (1 + step) / (10 + step))
+    for mean, value in zip(average.parameters(), current.parameters(), strict=True):
+        mean.lerp_(value, 1 - decay)
+
+
+def train_vae(
+    vae: AutoencoderKL,
+    pool: torch.Tensor,
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    log: Callable[[str], None],
+) -> None:
+    """Reconstruction (L2) plus a tiny KL term, then ``scaling_factor`` = 1 / std of the latents."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, steps))
+    vae.train()
+    for step in tqdm(range(steps), desc="vae", mininterval=10):
+        batch = pool[torch.randint(len(pool), (batch_size,), generator=generator)]  # (B, 3, 32, 32)
+        posterior = vae.encode(batch).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator=generator)).sample
+        loss = F.mse_loss(reconstruction, batch) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 500 == 0 or step == steps - 1:
+            log(f"vae step {step}: loss {loss.item():.5f}")
+    vae.eval()
+    latents = encode_pool(vae, pool[:4096], scale=False)
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+
+
+@torch.no_grad()
+def encode_pool(vae: AutoencoderKL, pool: torch.Tensor, *, scale: bool = True, chunk: int = 512) -> torch.Tensor:
+    """Posterior means of a frozen VAE, optionally normalised with its shift and scaling factor."""
+    latents = torch.cat([vae.encode(pool[i : i + chunk]).latent_dist.mode() for i in range(0, len(pool), chunk)])
+    if scale:
+        shift = vae.config.get("shift_factor") or 0.0
+        latents = (latents - shift) * vae.config.scaling_factor
+    return latents  # (N, C, h, w)

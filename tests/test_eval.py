@@ -1,0 +1,149 @@
+"""``quantdiff eval`` end to end on an untrained digits-layout pipeline, and its building blocks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+from quantdiff.cli import main
+from quantdiff.errors import QuantDiffError
+from quantdiff.evaluate import EvalSettings, make_grid
+from quantdiff.evaluation.digits import DigitSpec
+from quantdiff.evaluation.prompt_sets import (
+    EvalPrompt,
+    EvaluationSet,
+    digits_prompt_sets,
+    read_calibration_prompts,
+    read_evaluation_set,
+    write_prompt_sets,
+)
+from quantdiff.training.digits_sd import build_components
+
+
+@pytest.fixture(scope="module")
+def untrained_digits_sd(tmp_path_factory) -> str:
+    """The digits-sd pipeline layout with random weights (32x32 images), carrying its prompt sets."""
+    components = build_components(seed=0)
+    components.pop("scheduler")
+    from diffusers import DDIMScheduler
+
+    pipe = StableDiffusionPipeline(
+        **components,
+        scheduler=DDIMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    folder = tmp_path_factory.mktemp("digits") / "digits-sd-untrained"
+    pipe.save_pretrained(folder)
+    calibration, evaluation = digits_prompt_sets(seed=0, num_calibration=8, num_evaluation=10, steps=4, guidance=3.0)
+    write_prompt_sets(folder, calibration, evaluation)
+    return str(folder)
+
+
+def test_prompt_sets_round_trip(tmp_path):
+    calibration, evaluation = digits_prompt_sets(seed=3, num_calibration=12, num_evaluation=20)
+    write_prompt_sets(tmp_path, calibration, evaluation)
+    assert read_calibration_prompts(tmp_path) == calibration
+    again = read_evaluation_set(tmp_path)
+    assert again.prompts == evaluation.prompts and (again.steps, again.guidance) == (
+        evaluation.steps,
+        evaluation.guidance,
+    )
+    assert sum(p.heldout for p in again.prompts) == 6  # 30% held-out combinations
+    assert read_evaluation_set(tmp_path / "nowhere") is None
+
+
+def test_malformed_evaluation_set_is_refused(tmp_path):
+    write_prompt_sets(tmp_path, ["x"], EvaluationSet((EvalPrompt("a red one on a blue background", None),)))
+    path = tmp_path / "prompts" / "evaluation.json"
+    data = json.loads(path.read_text())
+    data["prompts"][0]["spec"] = {"digit": 12, "foreground": "red", "background": "blue"}
+    path.write_text(json.dumps(data))
+    with pytest.raises(QuantDiffError, match="malformed prompt entry"):
+        read_evaluation_set(tmp_path)
+
+
+def test_grid_has_one_row_per_model():
+    images = {name: np.full((5, 32, 32, 3), value, np.uint8) for name, value in (("fp", 0), ("w8a8", 255))}
+    grid = make_grid(images, columns=3, scale=2)
+    assert grid.height == 2 * (64 + 2)
+    pixels = np.asarray(grid)
+    assert (pixels[10, -10] == 0).all() and (pixels[66 + 10, -10] == 255).all()
+
+
+def test_settings_are_validated():
+    with pytest.raises(QuantDiffError, match="num-images"):
+        EvalSettings(num_images=0)
+
+
+def test_eval_end_to_end(untrained_digits_sd, tmp_path, capsys):
+    quantized = tmp_path / "w8a16"
+    assert main(["--quiet", "quantize", untrained_digits_sd, "--recipe", "w8a16", "--out", str(quantized)]) == 0
+    out = tmp_path / "eval"
+    argv = ["--quiet", "eval", untrained_digits_sd, str(quantized), "--out", str(out), "--num-images", "6"]
+    assert main(argv + ["--batch-size", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "| fp | floating point |" in printed and "W8A16" in printed
+
+    report = json.loads((out / "report.json").read_text())
+    assert [m["name"] for m in report["models"]] == ["fp", "w8a16"]
+    fp, q = report["models"]
+    assert fp["recipe"] is None and q["recipe"].startswith("W8A16")
+    assert set(report["models"][0]["metrics"]) >= {"fid_digits", "is_digits", "alignment", "psnr_vs_fp", "ssim_vs_fp"}
+    # The evaluation set of the folder is used (its steps and prompt count) and the digits metrics apply.
+    assert report["prompts"]["count"] == 10 and report["settings"]["num_images"] == 6
+    for model in report["models"]:
+        assert 0.0 <= model["metrics"]["alignment"] <= 1.0
+        assert 1.0 <= model["metrics"]["is_digits"] <= 10.0
+        assert model["metrics"]["fid_digits"] > 0
+    assert fp["metrics"]["psnr_vs_fp"] is None and fp["metrics"]["ssim_vs_fp"] is None
+    # W8A16 of the same weights stays close to FP on the same seeds.
+    assert q["metrics"]["psnr_vs_fp"] > 25 and q["metrics"]["ssim_vs_fp"] > 0.8
+    assert q["metrics"]["latent_psnr_vs_fp"] > 25
+    assert report["reference"]["fid_digits_floor"] >= 0 and report["reference"]["real_alignment"] > 0.9
+
+    grid = Image.open(out / "grid.png")
+    assert grid.height == 2 * (96 + 2)
+    assert "alignment" in (out / "report.md").read_text()
+
+    # Same seeds, same model: the FP images are reproduced exactly by a second run.
+    again = tmp_path / "again"
+    assert main(["--quiet", "eval", untrained_digits_sd, "--out", str(again), "--num-images", "6"]) == 0
+    first = json.loads((out / "report.json").read_text())["models"][0]["metrics"]
+    second = json.loads((again / "report.json").read_text())["models"][0]["metrics"]
+    assert first == second
+
+
+def test_eval_refuses_a_second_floating_point_model(untrained_digits_sd, tmp_path, capsys):
+    argv = ["--quiet", "eval", untrained_digits_sd, untrained_digits_sd, "--out", str(tmp_path / "e")]
+    assert main(argv + ["--num-images", "1"]) == 2
+    assert "is not a quantized folder" in capsys.readouterr().err
+
+
+def test_eval_generic_prompts_skip_the_digits_metrics(tiny_folders, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\na blue car\n")
+    out = tmp_path / "eval"
+    argv = ["--quiet", "eval", tiny_folders["sd15"], "--out", str(out), "--num-images", "2", "--prompts", str(prompts)]
+    assert main(argv + ["--steps", "2"]) == 0
+    metrics = json.loads((out / "report.json").read_text())["models"][0]["metrics"]
+    assert metrics["alignment"] is None and metrics["fid_digits"] is None
+
+
+def test_existing_report_is_kept(untrained_digits_sd, tmp_path, capsys):
+    (tmp_path / "report.json").write_text("{}")
+    assert main(["--quiet", "eval", untrained_digits_sd, "--out", str(tmp_path), "--num-images", "1"]) == 2
+    assert "already holds a report" in capsys.readouterr().err
+    assert (tmp_path / "report.json").read_text() == "{}"
+
+
+def test_spec_equality_survives_json():
+    spec = DigitSpec(3, "red", "blue")
+    assert DigitSpec(**json.loads(json.dumps(vars(spec)))) == spec
+    assert torch.is_grad_enabled()
