@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
+import torch
 
 from quantdiff.pipelines.loading import load_pipeline
 from quantdiff.training.common import caption_vocabulary
 from quantdiff.training.digits_sd import DigitsSDConfig, build_components, train_digits_sd
+from quantdiff.training.digits_sd3 import DigitsSD3Config, train_digits_sd3
 
 
 def test_caption_tokenizer_has_one_token_per_word():
@@ -16,12 +19,33 @@ def test_caption_tokenizer_has_one_token_per_word():
     assert all(len(tokenizer(text).input_ids) <= tokenizer.model_max_length for text in caption_vocabulary())
 
 
-def test_toy_training_run_writes_a_loadable_pipeline(tmp_path):
+@pytest.fixture(scope="module")
+def toy_digits_sd(tmp_path_factory):
     config = DigitsSDConfig(pool_size=256, vae_steps=3, denoiser_steps=3, batch_size=8, threads=1)
     lines = []
-    folder = train_digits_sd(tmp_path / "digits-sd", config, log=lines.append)
+    folder = train_digits_sd(tmp_path_factory.mktemp("toy") / "digits-sd", config, log=lines.append)
+    return folder, lines
+
+
+def test_toy_training_run_writes_a_loadable_pipeline(toy_digits_sd):
+    folder, lines = toy_digits_sd
     assert any(line.startswith("vae step 0") for line in lines) and any("denoiser step 2" in line for line in lines)
     pipe = load_pipeline(folder)
     assert pipe.vae.config.scaling_factor != 0.18215  # measured from the latents, not SD's constant
     image = pipe("a red seven on a white background", num_inference_steps=2, output_type="np").images[0]
+    assert image.shape == (32, 32, 3) and np.isfinite(image).all()
+
+
+def test_toy_sd3_training_run_reuses_the_autoencoder(toy_digits_sd, tmp_path):
+    vae_folder, _ = toy_digits_sd
+    config = DigitsSD3Config(pool_size=128, denoiser_steps=2, batch_size=4, num_layers=1, threads=1)
+    lines = []
+    folder = train_digits_sd3(tmp_path / "digits-sd3", vae_folder, config, log=lines.append)
+    assert any("denoiser step 1" in line for line in lines)
+    pipe = load_pipeline(folder)
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline" and pipe.text_encoder_3 is None
+    sd = load_pipeline(vae_folder)
+    assert torch.equal(pipe.vae.encoder.conv_in.weight, sd.vae.encoder.conv_in.weight)
+    assert pipe.vae.config.shift_factor == 0.0
+    image = pipe("digit 3, red on blue", num_inference_steps=2, output_type="np").images[0]
     assert image.shape == (32, 32, 3) and np.isfinite(image).all()
