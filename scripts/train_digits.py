@@ -1,10 +1,10 @@
 """Train a bundled digits model from a seed and write it as a pipeline folder with its prompt sets.
 
 python scripts/train_digits.py --model sd  [--out src/quantdiff/data/models/digits-sd]  [--seed 0] [--denoiser-steps N]
-python scripts/train_digits.py --model sd3 [--out src/quantdiff/data/models/digits-sd3] [--vae-from .../digits-sd]
+python scripts/train_digits.py --model sd3 [--out src/quantdiff/data/models/digits-sd3] [--vae-from DIGITS_SD_DIR]
 
-``sd3`` reuses the trained autoencoder of a ``digits-sd`` folder (``--vae-from``, default the shipped one),
-so train ``sd`` first. Every field of DigitsSDConfig / DigitsSD3Config is an option.
+Every field of DigitsSDConfig / DigitsSD3Config is an option. ``sd3`` trains its own autoencoder with the
+digits-sd recipe unless ``--vae-from`` names a digits-sd folder to reuse.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], parents=[choose])
     parser.add_argument("--out", default=str(MODELS / f"digits-{model}"))
     if model == "sd3":
-        parser.add_argument("--vae-from", default=str(MODELS / "digits-sd"))
+        parser.add_argument("--vae-from", help="reuse the autoencoder of this digits-sd folder")
     defaults = config_type()
     for field in dataclasses.fields(config_type):
         parser.add_argument(
@@ -48,7 +48,7 @@ def main() -> None:
     if model == "sd":
         train_digits_sd(out, config)
     else:
-        train_digits_sd3(out, vae_from, config)
+        train_digits_sd3(out, config, vae_from=vae_from)
     calibration, evaluation = digits_prompt_sets(seed=config.seed)
     write_prompt_sets(out, calibration, evaluation)
     print(f"trained {config} in {time.time() - started:.0f} s -> {out}")

@@ -164,7 +164,7 @@ def test_not_a_pipeline(not_a_pipeline, tmp_path, capsys):
 
 def test_unknown_recipe(tiny_folders, tmp_path, capsys):
     err = _run_failing(["quantize", tiny_folders["sd15"], "--recipe", "w3a7", "--out", str(tmp_path / "q")], capsys)
-    assert "unknown recipe 'w3a7': use a preset (w8a8, w8a8-minmax, w4a8, w8a16, w4a16)" in err
+    assert "unknown recipe 'w3a7': use a preset (w8a8, w8a8-minmax, w8a8-int, w4a8, w8a16, w4a16)" in err
     assert _no_output(tmp_path, "q")
 
 

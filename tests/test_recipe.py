@@ -12,7 +12,15 @@ from quantdiff.recipe import PRESETS, LayerOverride, Recipe, TensorSpec, load_re
 
 def test_presets_have_the_documented_bits():
     labels = {name: recipe.label for name, recipe in PRESETS.items()}
-    assert labels == {"w8a8": "W8A8", "w8a8-minmax": "W8A8", "w4a8": "W4A8", "w8a16": "W8A16", "w4a16": "W4A16"}
+    assert labels == {
+        "w8a8": "W8A8",
+        "w8a8-minmax": "W8A8",
+        "w8a8-int": "W8A8",
+        "w4a8": "W4A8",
+        "w8a16": "W8A16",
+        "w4a16": "W4A16",
+    }
+    assert PRESETS["w8a8-int"].weights.pair_safe and not PRESETS["w8a8"].weights.pair_safe
     assert PRESETS["w4a16"].weights.granularity == "group" and PRESETS["w4a16"].weights.group_size == 128
     assert PRESETS["w8a16"].activations is None
     assert PRESETS["w8a8-minmax"].activations.observer == "minmax"
@@ -22,7 +30,8 @@ def test_presets_have_the_documented_bits():
 def test_recipe_dict_round_trip_is_exact(name):
     recipe = PRESETS[name]
     data = json.loads(json.dumps(recipe.to_dict()))
-    assert data["_type"] == "Recipe" and data["_version"] == 1
+    # the lowest format version that expresses the recipe: 2 only for pair-safe weights
+    assert data["_type"] == "Recipe" and data["_version"] == (2 if recipe.weights.pair_safe else 1)
     assert Recipe.from_dict(data) == recipe
 
 

@@ -40,7 +40,7 @@ def test_toy_sd3_training_run_reuses_the_autoencoder(toy_digits_sd, tmp_path):
     vae_folder, _ = toy_digits_sd
     config = DigitsSD3Config(pool_size=128, denoiser_steps=2, batch_size=4, num_layers=1, threads=1)
     lines = []
-    folder = train_digits_sd3(tmp_path / "digits-sd3", vae_folder, config, log=lines.append)
+    folder = train_digits_sd3(tmp_path / "digits-sd3", config, vae_from=vae_folder, log=lines.append)
     assert any("denoiser step 1" in line for line in lines)
     pipe = load_pipeline(folder)
     assert type(pipe).__name__ == "StableDiffusion3Pipeline" and pipe.text_encoder_3 is None

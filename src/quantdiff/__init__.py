@@ -15,6 +15,7 @@ The flow, as the CLI runs it::
 from quantdiff.calibration import CalibrationRecord, CalibrationSet, capture_calibration, default_prompts, read_prompts
 from quantdiff.errors import CalibrationError, FormatError, PipelineError, QuantDiffError, RecipeError
 from quantdiff.generate import generate, load_any_pipeline, save_png
+from quantdiff.nn import ExecutionSummary, use_integer_kernels, use_reference
 from quantdiff.pipelines.architectures import ARCHITECTURES, Architecture, architecture_of
 from quantdiff.pipelines.loading import denoiser_of, load_pipeline, read_pipeline_folder
 from quantdiff.plan import LayerPlan, QuantPlan, resolve_plan
@@ -31,6 +32,7 @@ __all__ = [
     "CalibrationError",
     "CalibrationRecord",
     "CalibrationSet",
+    "ExecutionSummary",
     "FormatError",
     "LayerOverride",
     "LayerPlan",
@@ -64,4 +66,6 @@ __all__ = [
     "resolve_plan",
     "save_png",
     "save_quantized",
+    "use_integer_kernels",
+    "use_reference",
 ]

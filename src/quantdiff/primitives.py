@@ -34,6 +34,10 @@ __all__ = [
     "group_rows",
     "ungroup_rows",
     "sqnr_db",
+    "PAIR_LIMIT",
+    "pair_sums",
+    "clip_pairs",
+    "pair_safe_quantize",
 ]
 
 MIN_BITS = 2
@@ -43,6 +47,12 @@ MAX_BITS = 8
 # any positive floor works there because every value of such a row quantizes to the zero point. 1e-12
 # is far below any real range yet keeps x / scale finite in float32 for |x| up to ~1e26.
 SCALE_EPS = 1e-12
+
+# x86 CPUs without VNNI multiply uint8 activations by int8 weights with ``vpmaddubsw``, which adds the two
+# products of neighbouring input channels into a *saturating* int16. With activations in 0..255 a pair is
+# exact iff its same-sign weights satisfy |w0 + w1| <= 128 (255 * 128 = 32640 <= 32767). See
+# benchmarks/KERNELS.md and :func:`pair_safe_quantize`.
+PAIR_LIMIT = 128
 
 
 def integer_range(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -372,3 +382,153 @@ def sqnr_db(reference: Tensor, test: Tensor) -> float:
     if signal == 0.0:
         return -math.inf
     return 10.0 * math.log10(signal / noise)
+
+
+def _even_channels(q: Tensor) -> Tensor:
+    """Pad the input-channel dimension of ``(C_out, C_in, taps)`` to an even size with zeros.
+
+    oneDNN pairs channel ``2j`` with ``2j + 1`` and pads an odd channel count with a zero channel, so the
+    last channel of an odd count pairs with 0.
+    """
+    if q.shape[1] % 2:
+        q = torch.nn.functional.pad(q, (0, 0, 0, 1))  # (C_out, C_in + 1, taps)
+    return q
+
+
+def pair_sums(q: Tensor) -> Tensor:
+    """Largest same-sign pair sum ``|w[2j] + w[2j+1]|`` of each output channel.
+
+    Pairs run over input channels (dim 1) at the same kernel tap (dim 2), the order in which x86 int8
+    kernels without VNNI add two u8 x s8 products into one saturating int16. Mixed-sign pairs cannot
+    overflow (their sum is bounded by the larger product), so only same-sign pairs count.
+
+    Args:
+        q: integer weights ``(C_out, C_in, taps)`` (``taps = 1`` for Linear); any integer or float dtype
+            holding integer values.
+
+    Returns:
+        int32 tensor ``(C_out,)``: the worst ``max(|a| + |b|)`` over same-sign pairs ``(a, b)``; the layer
+        is exact on such a CPU iff ``x_qmax * pair_sums(q).max() <= 32767``.
+    """
+    if q.dim() != 3:
+        raise ValueError(f"pair_sums takes (C_out, C_in, taps) weights, got shape {tuple(q.shape)}")
+    w = _even_channels(q.to(torch.int32))  # (C_out, C_in', taps)
+    a, b = w[:, 0::2], w[:, 1::2]  # (C_out, C_in'/2, taps) each
+    positive = a.clamp(min=0) + b.clamp(min=0)
+    negative = a.clamp(max=0) + b.clamp(max=0)
+    worst = torch.maximum(positive, -negative)  # (C_out, C_in'/2, taps)
+    if worst.numel() == 0:
+        return torch.zeros(q.shape[0], dtype=torch.int32, device=q.device)
+    return worst.amax(dim=(1, 2))
+
+
+def clip_pairs(q: Tensor, limit: int = PAIR_LIMIT) -> Tensor:
+    """Move every same-sign pair with ``|w[2j] + w[2j+1]| > limit`` onto ``|sum| = limit``.
+
+    The excess is split in two, the larger magnitude giving up the larger half, both values moving
+    towards zero. Neither value changes sign (for ``|q| <= 128`` the excess never exceeds twice the
+    smaller magnitude). Mixed-sign pairs never exceed the limit (``|a + b| <= max(|a|, |b|) <= 128``), so
+    ``|a + b| > limit`` alone finds the violating pairs.
+
+    Args:
+        q: integer values ``(C_out, C_in, taps)`` held in a float or integer tensor, ``|q| <= 128``.
+        limit: the largest allowed same-sign pair sum.
+
+    Returns:
+        Tensor like ``q`` (same dtype and shape).
+    """
+    c_in = q.shape[1]
+    w = _even_channels(q)
+    a, b = w[:, 0::2], w[:, 1::2]  # (C_out, C_in'/2, taps) each
+    a_new, b_new = _clipped_pair(a, b, limit)
+    out = torch.stack((a_new, b_new), dim=2).flatten(1, 2)  # (C_out, C_in', taps): a, b interleaved again
+    return out[:, :c_in].contiguous()
+
+
+def _clipped_pair(a: Tensor, b: Tensor, limit: int) -> tuple[Tensor, Tensor]:
+    """Elementwise :func:`clip_pairs` on the two members of each pair (any matching shapes)."""
+    total = a + b
+    excess = (total.abs() - limit).clamp(min=0)
+    half_down = torch.div(excess, 2, rounding_mode="floor")
+    a_part = torch.where(a.abs() >= b.abs(), excess - half_down, half_down)  # the larger one gives up more
+    direction = torch.sign(total)
+    return a - direction * a_part, b - direction * (excess - a_part)
+
+
+def _pair_safe_errors(w: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:
+    """Squared error (in units of ``scale^2``) per channel of the pair-clipped quantization of ``w``.
+
+    Computed as the plain rounding error plus a correction on the few clipped pairs, which is several
+    times cheaper than materialising the clipped weights for every candidate scale.
+    """
+    r = w / scale[:, None, None]  # (R, C_in', taps), even C_in'
+    q = torch.round(r).clamp_(qmin, qmax)
+    err = (q - r).square_().sum(dim=(1, 2))  # (R,)
+    a, b = q[:, 0::2], q[:, 1::2]  # (R, P, taps)
+    violating = (a + b).abs_() > PAIR_LIMIT
+    rows, pairs, taps = violating.nonzero(as_tuple=True)
+    if rows.numel():
+        qa, qb = a[rows, pairs, taps], b[rows, pairs, taps]  # (V,)
+        ra, rb = r[rows, 2 * pairs, taps], r[rows, 2 * pairs + 1, taps]
+        ca, cb = _clipped_pair(qa, qb, PAIR_LIMIT)
+        delta = (ca - ra).square() + (cb - rb).square() - (qa - ra).square() - (qb - rb).square()
+        err.index_add_(0, rows, delta)
+    return err
+
+
+def pair_safe_quantize(
+    w: Tensor, base_scale: Tensor, steps: int = 11, max_elements: int = 1 << 22
+) -> tuple[Tensor, Tensor]:
+    """Symmetric 8-bit per-output-channel weights that x86 int8 kernels without VNNI compute exactly.
+
+    Plain int8 weights can overflow the saturating int16 pair sums of ``vpmaddubsw`` (AVX2 without VNNI):
+    measured 14-46 dB against the exact result per layer. For each output channel this tries the scales
+    ``base_scale * f`` for ``steps`` values of ``f`` in [1, 2] (``f = 2`` is a 7-bit weight, which can
+    never violate), clips the pairs that still violate (:func:`clip_pairs`), and keeps the ``f`` with
+    the least squared weight error (the first on ties). Channels that satisfy the constraint at ``f = 1``
+    keep the plain quantization without a search. The result is an ordinary int8 weight with ordinary
+    scales: the fake-quant reference computes with exactly these integers, so kernel and reference agree.
+
+    Args:
+        w: float weights ``(C_out, C_in, taps)`` (``taps = 1`` for Linear; per group for grouped conv).
+        base_scale: float32 ``(C_out,)``, the plain 8-bit symmetric scale of each channel (from the
+            weight observer, e.g. ``absmax / 127``).
+        steps: number of ``f`` values tried (11: 0.1 apart).
+        max_elements: channels are searched in chunks of about this many weights to bound memory.
+
+    Returns:
+        ``(q, scale)``: int8 ``(C_out, C_in, taps)`` whose same-sign pair sums are at most
+        :data:`PAIR_LIMIT`, and float32 ``(C_out,)`` scales.
+    """
+    if w.dim() != 3 or base_scale.shape != (w.shape[0],):
+        raise ValueError(
+            f"pair_safe_quantize takes (C_out, C_in, taps) weights and (C_out,) scales, "
+            f"got {tuple(w.shape)} and {tuple(base_scale.shape)}"
+        )
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    qmin, qmax = integer_range(8, True)
+    c_in = w.shape[1]
+    w = _even_channels(w.detach().to(torch.float32))  # (C_out, C_in', taps): odd channel pairs with 0
+    base_scale = base_scale.detach().to(torch.float32)
+    scale = base_scale.clone()
+    q = torch.round(w / base_scale[:, None, None]).clamp_(qmin, qmax)  # (C_out, C_in', taps)
+    rows = (pair_sums(q) > PAIR_LIMIT).nonzero().flatten()  # channels that need a larger scale
+    factors = torch.linspace(1.0, 2.0, steps).tolist() if steps > 1 else [1.0]
+    chunk = max(1, max_elements // max(1, w[0].numel()))
+    for start in range(0, rows.numel(), chunk):
+        index = rows[start : start + chunk]
+        w_rows, base = w[index], base_scale[index]  # (R, C_in', taps), (R,)
+        best_scale, best_err = None, None
+        for f in factors:
+            s = base * f  # (R,)
+            err = _pair_safe_errors(w_rows, s, qmin, qmax) * s.square()  # (R,) in weight units
+            if best_err is None:
+                best_scale, best_err = s, err
+            else:
+                better = err < best_err
+                best_scale = torch.where(better, s, best_scale)
+                best_err = torch.where(better, err, best_err)
+        scale[index] = best_scale
+        q[index] = clip_pairs(torch.round(w_rows / best_scale[:, None, None]).clamp_(qmin, qmax))
+    return q[:, :c_in].to(torch.int8).contiguous(), scale

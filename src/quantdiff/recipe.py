@@ -6,13 +6,18 @@ rule set, the plan is the result.
 
 Recipes come from three places:
 
-* the presets ``w8a8``, ``w8a8-minmax``, ``w4a8``, ``w8a16`` and ``w4a16`` (:data:`PRESETS`);
+* the presets ``w8a8``, ``w8a8-minmax``, ``w8a8-int``, ``w4a8``, ``w8a16`` and ``w4a16`` (:data:`PRESETS`);
 * a JSON or YAML file with the same fields (``quantdiff quantize ... --recipe my_recipe.yaml``);
 * Python code, building the dataclasses directly.
 
 Serialized recipes carry ``"_type"`` and ``"_version"`` so that a later quantdiff can read an older file.
 Unknown keys and impossible values raise :class:`~quantdiff.errors.RecipeError` with a message that names
 the key and says what to change.
+
+Format versions: 1 is the original field set. 2 adds the weight option ``pair_safe``. A recipe is written
+with the *lowest* version that can express it (1 unless some spec is pair-safe, and ``pair_safe`` is only
+written when true), so files that do not use the option stay readable by quantdiff releases that only know
+version 1, and files that do use it are refused there with "upgrade quantdiff" instead of an unknown key.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Any
 from quantdiff.errors import RecipeError
 from quantdiff.observers import OBSERVERS, make_observer
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # the newest format this quantdiff reads; see the module docstring
 
 GRANULARITIES = ("tensor", "channel", "group")
 SUPPORTED_LAYER_TYPES = ("Linear", "Conv2d")
@@ -51,6 +56,13 @@ class TensorSpec:
         observer: how the range is chosen from the observed values: ``"minmax"``, ``"ema_minmax"``,
             ``"percentile"`` or ``"mse"`` (Lp range search, p = 2.4, as in Q-Diffusion).
         observer_options: keyword options of that observer, e.g. ``{"percentile": 99.99}``.
+        pair_safe: weights only, 8-bit symmetric per channel: quantize so that x86 int8 kernels without
+            VNNI (AVX2, whose ``vpmaddubsw`` adds two u8 x s8 products into a saturating int16) compute the
+            layer exactly: every same-sign pair of neighbouring input channels satisfies
+            ``|w0 + w1| <= 128``. Each channel's scale may grow by up to 2x (searched for the least weight
+            error), costing about 1 dB of layer SQNR; see ``primitives.pair_safe_quantize`` and
+            benchmarks/KERNELS.md. Without it the integer path on such a CPU is wrong (14-46 dB per layer)
+            and ``quantdiff.nn.use_integer_kernels`` keeps those layers on the reference path.
     """
 
     bits: int
@@ -59,6 +71,7 @@ class TensorSpec:
     group_size: int | None = None
     observer: str = "minmax"
     observer_options: Mapping[str, Any] = field(default_factory=dict)
+    pair_safe: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "observer_options", _frozen_mapping(self.observer_options))
@@ -84,6 +97,18 @@ class TensorSpec:
             make_observer(self.observer, self.bits, self.symmetric, **dict(self.observer_options))
         except (TypeError, ValueError) as error:
             raise RecipeError(f"observer {self.observer!r} rejects its options: {error}") from None
+        if not isinstance(self.pair_safe, bool):
+            raise RecipeError(f"pair_safe={self.pair_safe!r} must be true or false")
+        if self.pair_safe and (self.bits != 8 or not self.symmetric or self.granularity != "channel"):
+            raise RecipeError(
+                "pair_safe applies to 8-bit symmetric per-channel weights (what int8 kernels take), got "
+                f"{self.describe()}: set bits 8, symmetric true and granularity 'channel', or set pair_safe false"
+            )
+
+    def __deepcopy__(self, memo) -> TensorSpec:
+        # Immutable (frozen, options in a read-only mapping that deepcopy cannot copy): share it, so that
+        # modules holding a spec (the quantized layers) can be deep-copied.
+        return self
 
     @property
     def packed(self) -> bool:
@@ -94,10 +119,10 @@ class TensorSpec:
         """Short human form, e.g. ``int8 sym channel minmax`` or ``int4 sym group128 mse``."""
         granularity = f"group{self.group_size}" if self.granularity == "group" else self.granularity
         mode = "sym" if self.symmetric else "asym"
-        return f"int{self.bits} {mode} {granularity} {self.observer}"
+        return f"int{self.bits} {mode} {granularity} {self.observer}" + (" pair-safe" if self.pair_safe else "")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "bits": self.bits,
             "symmetric": self.symmetric,
             "granularity": self.granularity,
@@ -105,6 +130,9 @@ class TensorSpec:
             "observer": self.observer,
             "observer_options": dict(self.observer_options),
         }
+        if self.pair_safe:  # written only when set: see the module docstring on format versions
+            data["pair_safe"] = True
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "tensor spec") -> TensorSpec:
@@ -210,7 +238,10 @@ class Recipe:
         if override.skip:
             return None, None
         try:
-            weights = dataclasses.replace(self.weights, **override.weights)
+            try:
+                weights = dataclasses.replace(self.weights, **override.weights)
+            except RecipeError as error:  # e.g. bits 4 on pair-safe weights: name the override at fault
+                raise RecipeError(f"override {override.pattern!r}: {error}") from None
             if override.activations is None:
                 activations = None
             elif override.activations and self.activations is None:
@@ -228,10 +259,16 @@ class Recipe:
             _check_activation_spec(activations, f"override {override.pattern!r}")
         return weights, activations
 
+    @property
+    def format_version(self) -> int:
+        """The lowest recipe format version that can express this recipe (see the module docstring)."""
+        specs = [self.weights, self.activations, *(self.specs_for(override)[0] for override in self.overrides)]
+        return 2 if any(spec is not None and spec.pair_safe for spec in specs) else 1
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "_type": "Recipe",
-            "_version": RECIPE_VERSION,
+            "_version": self.format_version,
             "name": self.name,
             "weights": self.weights.to_dict(),
             "activations": None if self.activations is None else self.activations.to_dict(),
@@ -272,6 +309,8 @@ class Recipe:
 
 
 def _check_activation_spec(spec: TensorSpec, where: str) -> None:
+    if spec.pair_safe:
+        raise RecipeError(f"{where}: pair_safe is a weight option; remove it from the activation spec")
     if spec.granularity != "tensor":
         raise RecipeError(
             f"{where}: activations are quantized with static per-tensor scales; "
@@ -292,6 +331,11 @@ def _check_keys(data: Mapping[str, Any], cls: type, where: str) -> None:
 # epilogue a single multiply). 4-bit weights need finer scales: groups of 128 input features and an Lp
 # range search, which clips rare outliers instead of spending the 16 levels on them (Q-Diffusion, Q-DiT).
 _W8 = TensorSpec(bits=8, symmetric=True, granularity="channel", observer="minmax")
+# The same weights constrained so that x86 int8 kernels without VNNI (AVX2: the CPUs this project is
+# measured on) compute them exactly: see TensorSpec.pair_safe. A separate preset rather than a change to
+# w8a8, because the constraint costs about 1 dB of layer SQNR that VNNI/AMX CPUs, GPUs and the reference
+# path do not need, and because changing w8a8 would silently change every existing w8a8 result.
+_W8_PAIR_SAFE = TensorSpec(bits=8, symmetric=True, granularity="channel", observer="minmax", pair_safe=True)
 _W4 = TensorSpec(bits=4, symmetric=True, granularity="group", group_size=128, observer="mse")
 # Activations: asymmetric per-tensor, because SiLU/GELU outputs are one-sided; the Lp search keeps
 # resolution for the bulk of the values where min-max would spend it on a few outliers.
@@ -302,6 +346,7 @@ PRESETS: Mapping[str, Recipe] = MappingProxyType(
     {
         "w8a8": Recipe(name="w8a8", weights=_W8, activations=_A8),
         "w8a8-minmax": Recipe(name="w8a8-minmax", weights=_W8, activations=_A8_MINMAX),
+        "w8a8-int": Recipe(name="w8a8-int", weights=_W8_PAIR_SAFE, activations=_A8),
         "w4a8": Recipe(name="w4a8", weights=_W4, activations=_A8),
         "w8a16": Recipe(name="w8a16", weights=_W8, activations=None),
         "w4a16": Recipe(name="w4a16", weights=_W4, activations=None),

@@ -13,19 +13,29 @@
 * ``bias`` in float32.
 
 The floating-point weight is gone after conversion: everything the module computes comes from the stored
-integers, so a saved and reloaded module computes bit-identically. ``forward`` here is the reference
-(simulated) path: it fake-quantizes the input with the stored scale and runs the float op on the
-dequantized weight; integer kernels plug in behind the same buffers.
+integers, so a saved and reloaded module computes bit-identically.
+
+Two execution modes share those buffers:
+
+* ``"reference"`` (default): fake-quantizes the input with the stored scale and runs the float op on the
+  dequantized weight. The ground truth: quality is measured on it, and it runs anywhere.
+* ``"integer"``: the oneDNN int8 kernel on CPU (:mod:`quantdiff.nn.kernels`), which computes the same
+  integers exactly when the layer is eligible; layers that are not keep the reference path, each with
+  the reason. :func:`use_integer_kernels` switches a whole model and returns an :class:`ExecutionSummary`;
+  :func:`use_reference` switches back. The mode is not saved: a loaded model starts in reference mode.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from quantdiff.nn.kernels import IntegerKernel, KernelDecision, KernelSupport, build_kernel, kernel_support
 from quantdiff.observers import make_observer
 from quantdiff.plan import LayerPlan
 from quantdiff.primitives import (
@@ -33,6 +43,7 @@ from quantdiff.primitives import (
     fake_quantize,
     group_rows,
     pack_int4,
+    pair_safe_quantize,
     quantize,
     unpack_int4,
 )
@@ -78,6 +89,10 @@ def quantize_weight(weight: Tensor, spec: TensorSpec) -> tuple[Tensor, Tensor, T
     observer = make_observer(spec.observer, spec.bits, spec.symmetric, **dict(spec.observer_options))
     observer.update(rows)
     scale, zero_point = observer.qparams()  # (R,), (R,)
+    if spec.pair_safe:  # 8-bit symmetric per channel (TensorSpec checks): the observer's scale is the start
+        # Pairs run over input channels at the same kernel tap: (C_out, C_in/groups, kh*kw); Linear taps = 1.
+        q, scale = pair_safe_quantize(weight.detach().float().reshape(c_out, weight.shape[1], -1), scale)
+        return q.reshape(c_out, k).contiguous(), scale.reshape(c_out, 1).contiguous(), None
     q = quantize(rows, scale[:, None], zero_point[:, None], spec.bits, spec.symmetric)
     scale_rows, groups = weight_layout(spec, c_out, k)
     q = q.reshape(c_out, padded_reduction_size(spec, k))[:, :k]  # (C_out, K): padding is not stored
@@ -108,8 +123,17 @@ def dequantize_weight(
     return w.reshape(c_out, n)[:, :k].reshape(shape)
 
 
+EXECUTION_MODES = ("reference", "integer")
+_REFERENCE = KernelDecision("reference", "reference mode")
+
+
 class QuantizedLayer(nn.Module):
-    """Shared storage and input quantization of :class:`QuantizedLinear` and :class:`QuantizedConv2d`."""
+    """Shared storage, input quantization and execution mode of :class:`QuantizedLinear` / :class:`QuantizedConv2d`.
+
+    The integer kernel (``_kernel``) is a cache derived from the buffers: built when the layer is switched
+    to integer mode, dropped whenever the buffers change (``set_weight``, ``set_input_qparams``,
+    ``load_state_dict``, ``.to()``) or the module is copied, and rebuilt on the next forward.
+    """
 
     def __init__(
         self,
@@ -141,6 +165,11 @@ class QuantizedLayer(nn.Module):
             self.bias = nn.Parameter(torch.zeros(c_out, device=device), requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        self.execution = "reference"  # see set_execution; a plain attribute, never saved
+        self._allow_inexact = False
+        self._support: KernelSupport | None = None
+        self._kernel: IntegerKernel | None = None
+        self._decision: KernelDecision | None = None  # None: not decided since the last change
 
     def set_weight(self, weight: Tensor) -> None:
         """Quantize and store a floating-point weight of this layer's shape."""
@@ -151,6 +180,7 @@ class QuantizedLayer(nn.Module):
         self.weight_scale = scale.to(self.weight_scale.device)
         if zero_point is not None:
             self.weight_zero_point = zero_point.to(self.weight_zero_point.device)
+        self._drop_kernel()
 
     def set_input_qparams(self, scale: Tensor, zero_point: Tensor) -> None:
         """Store the calibrated static input scale and zero point."""
@@ -158,6 +188,77 @@ class QuantizedLayer(nn.Module):
             raise ValueError("this layer keeps its inputs in floating point")
         self.input_scale = scale.detach().reshape(()).float().to(self.input_scale.device)
         self.input_zero_point = zero_point.detach().reshape(()).to(torch.int32).to(self.input_zero_point.device)
+        self._drop_kernel()
+
+    # ------------------------------------------------------------------------------------ execution mode
+    def set_execution(
+        self, mode: str, *, support: KernelSupport | None = None, allow_inexact: bool = False
+    ) -> KernelDecision:
+        """Choose the reference or the integer path; returns which path the layer will take and why.
+
+        Args:
+            mode: ``"reference"`` or ``"integer"``.
+            support: from :func:`quantdiff.nn.kernels.kernel_support` (computed here when omitted).
+            allow_inexact: in integer mode, run the kernel even where it can saturate (weights that are not
+                pair-safe on a CPU without VNNI): faster, but wrong. Default: such layers keep the reference.
+        """
+        if mode not in EXECUTION_MODES:
+            raise ValueError(f"execution mode {mode!r} is unknown: use one of {', '.join(EXECUTION_MODES)}")
+        self.execution = mode
+        self._allow_inexact = allow_inexact
+        self._support = support
+        self._drop_kernel()
+        return self.execution_decision()
+
+    def execution_decision(self) -> KernelDecision:
+        """The path this layer takes now (prepacks the kernel if integer mode needs it)."""
+        if self.execution != "integer":
+            return _REFERENCE
+        if self._decision is None:
+            if self._support is None:
+                self._support = kernel_support()
+            self._kernel, self._decision = build_kernel(self, self._support, self._allow_inexact)
+        return self._decision
+
+    @property
+    def kernel_bytes(self) -> int:
+        """Bytes of the integer kernel's own (prepacked) weight copy; 0 when none is held."""
+        return 0 if self._kernel is None else self._kernel.nbytes
+
+    def _drop_kernel(self) -> None:
+        self._kernel, self._decision = None, None
+
+    def _integer_forward(self, x: Tensor) -> Tensor | None:
+        """The kernel's output, or None when this call must take the reference path."""
+        if self.execution != "integer":
+            return None
+        self.execution_decision()
+        if self._kernel is None:
+            return None
+        if not IntegerKernel.accepts(x):
+            warnings.warn(
+                f"{type(self).__name__} is in integer mode but got a {x.dtype} input on {x.device}"
+                f"{' that needs gradients' if x.requires_grad else ''}: the int8 kernel takes float32 CPU inputs "
+                "without autograd, so this call runs the reference path",
+                stacklevel=3,
+            )
+            return None
+        return self._kernel(x, self.bias)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._drop_kernel()
+
+    def _apply(self, fn, *args, **kwargs):
+        result = super()._apply(fn, *args, **kwargs)
+        self._drop_kernel()  # moved or cast: rebuild from the buffers where they now are
+        return result
+
+    def __getstate__(self) -> dict:
+        # The packed oneDNN tensor cannot be copied or pickled; copies rebuild it on their first forward.
+        state = self.__dict__.copy()
+        state["_kernel"], state["_decision"] = None, None
+        return state
 
     def dequantized_weight(self) -> Tensor:
         """The float32 weight the integer weight stands for."""
@@ -189,6 +290,11 @@ class QuantizedLinear(QuantizedLayer):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        y = self._integer_forward(x)
+        return self.reference_forward(x) if y is None else y
+
+    def reference_forward(self, x: Tensor) -> Tensor:
+        """The fake-quant path: float op on the fake-quantized input and the dequantized weight."""
         return F.linear(self.quantize_input(x), self.dequantized_weight().to(x.dtype), _cast(self.bias, x))
 
 
@@ -217,6 +323,11 @@ class QuantizedConv2d(QuantizedLayer):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        y = self._integer_forward(x)
+        return self.reference_forward(x) if y is None else y
+
+    def reference_forward(self, x: Tensor) -> Tensor:
+        """The fake-quant path: float conv of the fake-quantized input with the dequantized weight."""
         weight = self.dequantized_weight().to(x.dtype)
         return F.conv2d(
             self.quantize_input(x), weight, _cast(self.bias, x), self.stride, self.padding, self.dilation, self.groups
@@ -231,3 +342,147 @@ QUANTIZED_CLASSES: dict[str, type[QuantizedLayer]] = {"Linear": QuantizedLinear,
 
 def _cast(bias: Tensor | None, x: Tensor) -> Tensor | None:
     return None if bias is None else bias.to(x.dtype)
+
+
+@dataclass(frozen=True)
+class LayerExecution:
+    """One quantized layer's path after :func:`use_integer_kernels` / :func:`use_reference`.
+
+    Attributes:
+        name: qualified module name in the model.
+        layer_type: ``Linear`` or ``Conv2d``.
+        weights: the weight spec, described (``int8 sym channel minmax pair-safe``).
+        path: ``"integer"`` or ``"reference"``.
+        reason: why, e.g. ``"int8 oneDNN; pair-safe weights"`` or ``"reference: per-group weights ..."``.
+        exact: the path computes what the reference computes (False: an allowed, saturating integer layer).
+        widened: 4-bit weights widened to int8 for the kernel.
+        stored_bytes: bytes of the stored integer weight (``weight_q``), held in both modes.
+        kernel_bytes: bytes of the kernel's prepacked copy, held in addition in integer mode.
+    """
+
+    name: str
+    layer_type: str
+    weights: str
+    path: str
+    reason: str
+    exact: bool
+    widened: bool
+    stored_bytes: int
+    kernel_bytes: int
+
+
+@dataclass(frozen=True)
+class ExecutionSummary:
+    """Per-layer paths of a model, with what the CPU's int8 kernels can do (``support``)."""
+
+    mode: str
+    support: KernelSupport | None
+    layers: tuple[LayerExecution, ...]
+
+    @property
+    def integer(self) -> tuple[LayerExecution, ...]:
+        return tuple(layer for layer in self.layers if layer.path == "integer")
+
+    @property
+    def reference(self) -> tuple[LayerExecution, ...]:
+        return tuple(layer for layer in self.layers if layer.path == "reference")
+
+    @property
+    def inexact(self) -> tuple[LayerExecution, ...]:
+        return tuple(layer for layer in self.layers if not layer.exact)
+
+    def to_dict(self) -> dict:
+        return {
+            "mode": self.mode,
+            "support": None if self.support is None else self.support.describe(),
+            "integer_layers": len(self.integer),
+            "reference_layers": len(self.reference),
+            "stored_bytes": sum(layer.stored_bytes for layer in self.layers),
+            "kernel_bytes": sum(layer.kernel_bytes for layer in self.layers),
+            "layers": [layer.__dict__.copy() for layer in self.layers],
+        }
+
+    def format(self, max_layers: int | None = None) -> str:
+        """Plain text: one header line, then one line per layer (``name  path  reason``)."""
+        lines = [
+            f"{self.mode} mode: {len(self.integer)} of {len(self.layers)} quantized layers on the int8 kernel, "
+            f"{len(self.reference)} on the reference path"
+            + (f", {len(self.inexact)} INEXACT" if self.inexact else "")
+            + (f" ({self.support.describe()})" if self.support is not None else "")
+        ]
+        width = max((len(layer.name) for layer in self.layers), default=0)
+        shown = self.layers if max_layers is None else self.layers[:max_layers]
+        lines += [f"  {layer.name:<{width}}  {layer.path:<9}  {layer.reason}" for layer in shown]
+        if len(shown) < len(self.layers):
+            lines.append(f"  ... {len(self.layers) - len(shown)} more")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def use_integer_kernels(model: nn.Module, *, allow_inexact: bool = False) -> ExecutionSummary:
+    """Switch every quantized layer of ``model`` to the integer path where it can take it.
+
+    Each layer's int8 weight is prepacked once here (a second, kernel-owned copy of the weight: see
+    :mod:`quantdiff.nn.kernels`); layers that cannot run the kernel keep the reference path, and the
+    summary says why for each. Nothing saved changes: ``save_quantized`` writes the same file in either mode.
+
+    Args:
+        model: any module containing :class:`QuantizedLinear` / :class:`QuantizedConv2d` layers.
+        allow_inexact: also run layers whose weights are not pair-safe on a CPU that saturates int16 pair
+            sums (AVX2 without VNNI). Their results are wrong (14-46 dB per layer measured); a warning
+            names them. Default: they stay on the reference path.
+
+    Returns:
+        The per-layer :class:`ExecutionSummary`.
+    """
+    support = kernel_support()
+    summary = _switch(model, "integer", support, allow_inexact)
+    if summary.inexact:
+        warnings.warn(
+            f"{len(summary.inexact)} layer(s) run the int8 kernel although their weights are not pair-safe on "
+            f"this CPU ({summary.support.describe()}); their outputs saturate and are wrong, e.g. "
+            f"{summary.inexact[0].name}. Quantize with pair_safe weights (preset w8a8-int) instead.",
+            stacklevel=2,
+        )
+    return summary
+
+
+def use_reference(model: nn.Module) -> ExecutionSummary:
+    """Switch every quantized layer of ``model`` back to the reference (fake-quant) path; frees the kernels."""
+    return _switch(model, "reference", None, False)
+
+
+def execution_summary(model: nn.Module) -> ExecutionSummary:
+    """The current per-layer paths of ``model`` without switching anything."""
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantizedLayer)]
+    modes = {m.execution for _, m in layers}
+    support = next((m._support for _, m in layers if m._support is not None), None)
+    return ExecutionSummary(
+        modes.pop() if len(modes) == 1 else "mixed", support, tuple(_describe(n, m) for n, m in layers)
+    )
+
+
+def _switch(model: nn.Module, mode: str, support: KernelSupport | None, allow_inexact: bool) -> ExecutionSummary:
+    layers = []
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLayer):
+            module.set_execution(mode, support=support, allow_inexact=allow_inexact)
+            layers.append(_describe(name, module))
+    return ExecutionSummary(mode, support, tuple(layers))
+
+
+def _describe(name: str, module: QuantizedLayer) -> LayerExecution:
+    decision = module.execution_decision()
+    return LayerExecution(
+        name=name,
+        layer_type=type(module).__name__.removeprefix("Quantized"),
+        weights=module.weight_spec.describe(),
+        path=decision.path,
+        reason=decision.reason,
+        exact=decision.exact,
+        widened=decision.widened,
+        stored_bytes=module.weight_q.numel() * module.weight_q.element_size(),
+        kernel_bytes=module.kernel_bytes,
+    )

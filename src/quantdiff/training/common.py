@@ -44,6 +44,21 @@ def update_ema(average: torch.nn.Module, current: torch.nn.Module, step: int, de
         mean.lerp_(value, 1 - decay)
 
 
+def build_vae() -> AutoencoderKL:
+    """The digits autoencoder: 32x32x3 <-> 8x8x4 (three stages, x4 downsampling), 0.24M parameters."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+
+
 def train_vae(
     vae: AutoencoderKL,
     pool: torch.Tensor,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -34,6 +34,7 @@ from quantdiff.evaluation.digits import make_dataset
 from quantdiff.pipelines.tiny import build_clip_tokenizer
 from quantdiff.training.common import (
     MAX_TOKENS,
+    build_vae,
     caption_vocabulary,
     cosine_lr,
     encode_pool,
@@ -56,7 +57,9 @@ class DigitsSDConfig:
     batch_size: int = 64
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
-    threads: int = 2
+    # One thread: these small models barely gain from two, and a 2-thread OpenMP pool slows down ~10x
+    # whenever anything else runs on a 2-core machine.
+    threads: int = 1
 
 
 def build_components(seed: int = 0) -> dict:
@@ -76,17 +79,7 @@ def build_components(seed: int = 0) -> dict:
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
+    vae = build_vae()
     unet = UNet2DConditionModel(
         sample_size=8,
         in_channels=4,

@@ -2,9 +2,8 @@
 
 A ``StableDiffusion3Pipeline`` folder: ``SD3Transformer2DModel`` (joint text-image attention), two small
 ``CLIPTextModelWithProjection`` encoders trained jointly with it, no T5 (the pipeline zero-fills the T5
-tokens, as SD3 does when it is dropped), ``FlowMatchEulerDiscreteScheduler``. It reuses the trained
-autoencoder of a ``digits-sd`` folder: both models then see the same latents, and the hour of CPU the
-issue allows goes to the denoiser.
+tokens, as SD3 does when it is dropped), ``FlowMatchEulerDiscreteScheduler``. Its autoencoder is trained
+with the same recipe as ``digits-sd``'s, or reused from a ``digits-sd`` folder (``vae_from``).
 
 Training follows SD3: rectified flow ``x_t = (1 - s) x_0 + s e``, velocity target ``e - x_0``, noise levels
 ``s`` drawn from a logit-normal, text embedded by the pipeline's own ``encode_prompt`` so that training and
@@ -31,10 +30,12 @@ from quantdiff.evaluation.digits import make_dataset
 from quantdiff.pipelines.tiny import build_clip_tokenizer
 from quantdiff.training.common import (
     MAX_TOKENS,
+    build_vae,
     caption_vocabulary,
     cosine_lr,
     encode_pool,
     images_to_tensor,
+    train_vae,
     update_ema,
 )
 
@@ -52,6 +53,8 @@ class DigitsSD3Config:
 
     seed: int = 0
     pool_size: int = 40_000
+    vae_steps: int = 1_500
+    vae_lr: float = 1e-3
     denoiser_steps: int = 5_000
     denoiser_lr: float = 5e-4
     batch_size: int = 64
@@ -60,7 +63,7 @@ class DigitsSD3Config:
     num_layers: int = 4
     attention_heads: int = 2
     head_dim: int = 32
-    threads: int = 2
+    threads: int = 1  # see DigitsSDConfig.threads
 
 
 def build_components(vae: AutoencoderKL, config: DigitsSD3Config = DigitsSD3Config()) -> dict:
@@ -174,18 +177,32 @@ def train_transformer(
 
 def train_digits_sd3(
     out: str | os.PathLike,
-    vae_from: str | os.PathLike,
     config: DigitsSD3Config = DigitsSD3Config(),
+    *,
+    vae_from: str | os.PathLike | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Train and save the pipeline to ``out`` (fp16 safetensors), with the autoencoder of ``vae_from``."""
+    """Train and save the pipeline to ``out`` (fp16 safetensors); ``vae_from``: reuse a digits-sd autoencoder."""
     torch.set_num_threads(config.threads)
-    vae = AutoencoderKL.from_pretrained(vae_from, subfolder="vae", local_files_only=True, dtype=torch.float32)
-    # SD3 pipelines normalise latents with a shift as well as a scale; ours is centred already.
-    vae.register_to_config(shift_factor=0.0)
     with torch.enable_grad():  # training must not depend on the caller's grad mode
         data = make_dataset(config.pool_size, split="train", seed=config.seed, combos="train")
-        latents = encode_pool(vae, images_to_tensor(data.images))  # (N, 4, 8, 8)
+        pool = images_to_tensor(data.images)
+        if vae_from is not None:
+            vae = AutoencoderKL.from_pretrained(vae_from, subfolder="vae", local_files_only=True, dtype=torch.float32)
+        else:
+            vae = build_vae()
+            train_vae(
+                vae,
+                pool,
+                steps=config.vae_steps,
+                lr=config.vae_lr,
+                batch_size=config.batch_size,
+                seed=config.seed + 1,
+                log=log,
+            )
+        # SD3 pipelines normalise latents with a shift as well as a scale; ours are centred already.
+        vae.register_to_config(shift_factor=0.0)
+        latents = encode_pool(vae, pool)  # (N, 4, 8, 8)
         pipe = _pipeline(build_components(vae, config))
         pipe.transformer = train_transformer(pipe, latents, data.captions, config, log)
     pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
