@@ -1,4 +1,4 @@
-"""The ``quantdiff`` command line: calibrate, quantize, generate, inspect, eval, serve (and ``tiny`` for demos).
+"""The ``quantdiff`` command line: calibrate, quantize, generate, inspect, eval, serve, bench (and ``tiny`` for demos).
 
 Every verb is a thin layer over the public Python API; user errors print one line and exit with 2.
 """
@@ -147,6 +147,52 @@ def build_parser() -> argparse.ArgumentParser:
     real.add_argument("--image-reward", metavar="FILE", help="ImageReward checkpoint (needs the image-reward package)")
     real.add_argument("--image-reward-config", metavar="FILE", help="ImageReward med_config.json")
     evaluate.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
+    bench = verbs.add_parser(
+        "bench",
+        help="time one denoiser step: fp32, quantdiff's integer / reference paths and int8 peers, in one process",
+        description="Real-size denoisers (published configs, random weights), one step each, interleaved repeats; "
+        "prints the table and writes a markdown report (and --json rows). Schema: quantdiff.bench.",
+    )
+    bench.add_argument(
+        "--quick", action="store_true", help="sd15 at 32x32, the main methods, 3 repeats: a few minutes on 2 cores"
+    )
+    bench.add_argument(
+        "--models", help="comma-separated: sd15, sdxl, sd3 (default: all three; --quick: sd15), tiny-sd15, ..."
+    )
+    bench.add_argument(
+        "--methods",
+        help="comma-separated names or patterns (qd-*), 'default' or 'all' (default: the preset's); fp32 always runs",
+    )
+    bench.add_argument(
+        "--latent",
+        action="append",
+        metavar="[MODEL=]SIZES",
+        help="latent sides, e.g. sd15=32,64, or 64 for every model (repeatable; default sd15=32,64 sdxl=64 sd3=64; "
+        "--quick: 32)",
+    )
+    bench.add_argument("--repeats", type=int, help="timed rounds per group (default 5; --quick 3)")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed rounds before them (default 1)")
+    bench.add_argument("--threads", type=int, help="torch / ONNX Runtime threads (default: torch's)")
+    bench.add_argument(
+        "--batch", type=int, default=1, help="latents per step (default 1; 2 = classifier-free guidance)"
+    )
+    bench.add_argument("--calibration", type=int, default=4, help="random calibration inputs (default 4)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--group-size", type=int, help="most methods alive and timed together (default: memory decides)")
+    bench.add_argument(
+        "--memory-budget", type=float, metavar="GIB", help="RSS this process may reach (default: 85%% of free)"
+    )
+    bench.add_argument("--no-freezing", action="store_true", help="compile without inductor freezing")
+    bench.add_argument(
+        "--results",
+        metavar="FILE",
+        help="markdown report (default benchmarks/RESULTS.md; --quick: benchmarks/RESULTS-quick.md)",
+    )
+    bench.add_argument("--no-results", action="store_true", help="do not write the markdown report")
+    bench.add_argument(
+        "--json", metavar="FILE", help="also write one JSON row per measurement (schema: quantdiff.bench)"
+    )
 
     tiny = verbs.add_parser("tiny", help="build a tiny random-weight pipeline (for demos and tests)")
     tiny.add_argument("arch", choices=("sd15", "sdxl", "sd3", "pixart"))
@@ -344,6 +390,68 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _latents(entries: list[str] | None) -> dict[str, list[int]] | None:
+    """``--latent sd15=32,64 --latent 64`` -> ``{"sd15": [32, 64], "*": [64]}`` (``*``: every other model)."""
+    if not entries:
+        return None
+    latents: dict[str, list[int]] = {}
+    for entry in entries:
+        model, _, sizes = entry.rpartition("=")
+        try:
+            latents[model or "*"] = [int(size) for size in sizes.split(",") if size.strip()]
+        except ValueError:
+            raise QuantDiffError(f"--latent {entry!r}: expected [MODEL=]SIZES, e.g. sd15=32,64") from None
+    return latents
+
+
+def _cmd_bench(args) -> int:
+    import shlex
+
+    from quantdiff.bench import format_table, make_settings, run_benchmark, write_json, write_markdown
+
+    settings = make_settings(
+        quick=args.quick,
+        models=[m.strip() for m in args.models.split(",") if m.strip()] if args.models else None,
+        methods=args.methods.split(",") if args.methods else None,
+        latents=_latents(args.latent),
+        repeats=args.repeats,
+        warmup=args.warmup,
+        threads=args.threads,
+        batch=args.batch,
+        calibration_inputs=args.calibration,
+        seed=args.seed,
+        group_size=args.group_size,
+        memory_budget_bytes=None if args.memory_budget is None else int(args.memory_budget * 2**30),
+        freezing=not args.no_freezing,
+    )
+    results = None if args.no_results else (args.results or f"benchmarks/RESULTS{'-quick' if args.quick else ''}.md")
+    for path in (results, args.json):  # fail now, not after an hour of measuring
+        if path and Path(path).is_dir():
+            raise QuantDiffError(f"'{path}' is a folder: give a file name")
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    def write(result) -> list[str]:
+        # After every case too, so that a long run loses nothing measured if it is stopped.
+        written = []
+        try:
+            if results:
+                written.append(f"report -> {write_markdown(result, results)}")
+            if args.json:
+                written.append(f"rows -> {write_json(result, args.json)}")
+        except OSError as error:
+            raise QuantDiffError(f"cannot write the results: {error}") from None
+        return written
+
+    command = "quantdiff " + shlex.join(args.argv)
+    result = run_benchmark(settings, log=None if args.quiet else log, command=command, on_case=write)
+    print(format_table(result))
+    for line in write(result):
+        print(line)
+    return 0
+
+
 _COMMANDS = {
     "calibrate": _cmd_calibrate,
     "quantize": _cmd_quantize,
@@ -352,6 +460,7 @@ _COMMANDS = {
     "serve": _cmd_serve,
     "tiny": _cmd_tiny,
     "eval": _cmd_eval,
+    "bench": _cmd_bench,
 }
 
 
@@ -368,6 +477,7 @@ def _quiet_libraries(progress: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by bench in its report
     _quiet_libraries(progress=not args.quiet)
     if hasattr(args, "model"):
         from quantdiff.pipelines.bundled import resolve_model

@@ -1,0 +1,180 @@
+"""`quantdiff bench` on a tiny denoiser: rows, JSON schema, weight accounting, missing peers, CLI errors.
+
+No timing assertions: the numbers depend on the machine. torch.compile rows are left out (a tiny UNet
+takes over a minute to compile on a loaded core); they were validated by hand on tiny configs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from quantdiff import bench
+from quantdiff.cli import main
+from quantdiff.errors import QuantDiffError
+from quantdiff.nn import kernel_support
+
+ROW_FIELDS = {
+    "model",
+    "latent",
+    "method",
+    "median_s",
+    "speedup_vs_fp32",
+    "speedup_vs_best_fp32",
+    "weight_bytes",
+    "peak_rss_bytes",
+    "sqnr_db",
+    "status",
+    "reason",
+    "path",
+    "path_detail",
+    "held_bytes",
+    "setup_s",
+    "first_call_s",
+    "one_time_s",
+}
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    """One run on the tiny SD1.5 UNet: fp32, quantdiff W8A8 and W8A16, torch.ao dynamic, and a peer that is
+    made to be missing (optimum-quanto), each timed twice, one method per group so grouping runs too."""
+    saved = {name: sys.modules.get(name) for name in ("optimum", "optimum.quanto")}
+    sys.modules["optimum"] = sys.modules["optimum.quanto"] = None  # import fails as if not installed
+    try:
+        settings = bench.make_settings(
+            models=["tiny-sd15"],
+            methods=["qd-w8a8", "qd-w8a16", "ao-dynamic", "quanto-w8a8"],
+            repeats=2,
+            calibration_inputs=2,
+            group_size=2,
+        )
+        outcome = bench.run_benchmark(settings, command="pytest")
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+    folder = tmp_path_factory.mktemp("bench")
+    bench.write_json(outcome, folder / "rows.json")
+    bench.write_markdown(outcome, folder / "RESULTS.md")
+    return outcome, folder
+
+
+def test_rows_and_json_schema(result):
+    outcome, folder = result
+    data = json.loads((folder / "rows.json").read_text())
+    assert data["format"] == "quantdiff-bench" and data["version"] == 1
+    assert {"cpu", "flags", "torch", "threads"} <= set(data["machine"])
+    assert [row["method"] for row in data["rows"]] == ["fp32", "qd-w8a8", "qd-w8a16", "ao-dynamic", "quanto-w8a8"]
+    for row in data["rows"]:
+        assert ROW_FIELDS <= set(row), ROW_FIELDS - set(row)
+        assert row["model"] == "tiny-sd15" and row["latent"] == 16 and row["latent_shape"] == [1, 4, 16, 16]
+        if row["status"] == "ok":
+            assert row["median_s"] > 0 and len(row["times_s"]) == (4 if row["method"] == "fp32" else 2)  # 2 groups
+            assert row["speedup_vs_fp32"] > 0 and row["weight_bytes"] > 0 and row["peak_rss_bytes"] > 0
+            assert row["one_time_s"] == pytest.approx(row["setup_s"] + row["first_call_s"])
+    groups = {row["method"]: row["group"] for row in data["rows"] if row["status"] == "ok"}
+    assert groups == {"fp32": None, "qd-w8a8": 0, "qd-w8a16": 0, "ao-dynamic": 1}  # group_size=2
+    assert len(data["cases"]) == 1 and data["cases"][0]["groups"] == 2
+    markdown = (folder / "RESULTS.md").read_text()
+    assert "## Machine" in markdown and "| qd-w8a8 | ok |" in markdown and "## Targets" in markdown
+
+
+def test_fp32_is_its_own_reference(result):
+    outcome, _ = result
+    fp32 = next(row for row in outcome.rows if row.method == "fp32")
+    assert fp32.status == "ok" and fp32.identical_to_fp32 and fp32.sqnr_db == math.inf
+    assert fp32.speedup_vs_fp32 == 1.0 and fp32.weight_ratio_vs_fp32 == 1.0
+    assert fp32.to_dict()["sqnr_db"] is None  # JSON has no infinity
+    assert not outcome.cases[0]["notes"]  # the shared fp32 weights were not modified by any method
+
+
+def test_quantdiff_rows_report_path_and_int8_bytes(result):
+    outcome, _ = result
+    rows = {row.method: row for row in outcome.rows}
+    w8a8, w8a16 = rows["qd-w8a8"], rows["qd-w8a16"]
+    assert w8a8.status == "ok" and w8a16.status == "ok"
+    assert 5 < w8a8.sqnr_db < 80 and 5 < w8a16.sqnr_db < 80
+    quantized_fp32_bytes = 4 * w8a8.stored_bytes  # int8: one byte per weight of the quantized layers
+    if kernel_support().available:
+        assert w8a8.path == "integer" and w8a8.integer_layers == w8a8.quantized_layers > 0
+        # held in integer mode: weight_q + the prepacked copy = 2 bytes per 4 fp32 bytes (+ conv compensation)
+        assert 0.5 <= (w8a8.stored_bytes + w8a8.kernel_bytes) / quantized_fp32_bytes < 0.52
+    # the whole model (fp32 layers the plan keeps, biases, norms included) is 0.25-0.6x of fp32
+    assert 0.25 < w8a8.weight_ratio_vs_fp32 < 0.6
+    assert w8a16.path == "reference" and w8a16.reference_layers == w8a16.quantized_layers
+    assert "weight-only" in w8a16.path_detail and w8a16.kernel_bytes == 0
+    assert 0.25 < w8a16.weight_ratio_vs_fp32 < 0.35
+    assert rows["ao-dynamic"].status == "ok" and rows["ao-dynamic"].path == "torch.ao dynamic"
+
+
+def test_missing_peer_is_a_row(result):
+    outcome, _ = result
+    quanto = next(row for row in outcome.rows if row.method == "quanto-w8a8")
+    assert quanto.status == "not installed" and quanto.reason == "optimum-quanto is not installed"
+    assert quanto.median_s is None and quanto.to_dict()["speedup_vs_fp32"] is None
+    assert "quanto-w8a8: not installed" in bench.format_table(outcome)
+
+
+def test_settings_presets_and_errors():
+    quick = bench.make_settings(quick=True)
+    assert quick.models == ("sd15",) and quick.latents["sd15"] == (32,) and quick.repeats == 3
+    assert "fp32-compile" in quick.methods and "qd-w8a8-compile" in quick.methods and "ort-qdq" not in quick.methods
+    full = bench.make_settings()
+    assert dict(full.latents) == {"sd15": (32, 64), "sdxl": (64,), "sd3": (64,)}
+    assert {"pt2e-compile", "ort-qdq", "quanto-w8a8", "torchao-w8"} <= set(full.methods)
+    chosen = bench.make_settings(models=["sd3", "tiny-sd15"], methods=["qd-*"], latents={"sd3": [32]})
+    assert chosen.methods[0] == "fp32" and all(m.startswith("qd-") for m in chosen.methods[1:])
+    assert dict(chosen.latents) == {"sd3": (32,), "tiny-sd15": (16,)}
+    for kwargs, message in (
+        ({"models": ["sd4"]}, "unknown model"),
+        ({"methods": ["nope"]}, "unknown method"),
+        ({"models": ["sd15"], "latents": [30]}, "multiple of 8"),
+        ({"models": ["sd3"], "latents": [512]}, "position table"),
+        ({"repeats": 0}, "repeats"),
+    ):
+        with pytest.raises(QuantDiffError, match=message):
+            bench.make_settings(**kwargs)
+
+
+def test_published_configs_build_on_meta():
+    # Parameter counts of the published configs, without allocating them.
+    counts = {name: bench._param_count(bench.DENOISERS[name]) for name in ("sd15", "sdxl", "sd3")}
+    assert 855e6 < counts["sd15"] < 865e6 and 2.55e9 < counts["sdxl"] < 2.58e9 and 2.02e9 < counts["sd3"] < 2.04e9
+
+
+def test_inputs_have_the_real_shapes():
+    sdxl = bench.denoiser_inputs(bench.DENOISERS["sdxl"], 64, 2, 500.0, 0)
+    assert sdxl["encoder_hidden_states"].shape == (2, 77, 2048)
+    assert sdxl["added_cond_kwargs"]["text_embeds"].shape == (2, 1280)
+    assert sdxl["added_cond_kwargs"]["time_ids"][0].tolist() == [512, 512, 0, 0, 512, 512]
+    sd3 = bench.denoiser_inputs(bench.DENOISERS["sd3"], 64, 1, 500.0, 0)
+    assert sd3["hidden_states"].shape == (1, 16, 64, 64) and sd3["encoder_hidden_states"].shape == (1, 333, 4096)
+    assert sd3["timestep"].dtype == torch.float32 and sd3["pooled_projections"].shape == (1, 2048)
+
+
+def test_cli_bench_errors_are_one_line(capsys):
+    assert main(["bench", "--models", "sd4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("quantdiff bench: error: unknown model(s) sd4") and "\n" not in err
+    assert main(["bench", "--latent", "sd15=abc"]) == 2
+    assert "--latent" in capsys.readouterr().err
+
+
+def test_cli_bench_writes_report_and_rows(tmp_path, capsys):
+    # fp32 only (always run), two latent sizes: the files are written after each case and at the end.
+    report, rows = tmp_path / "out" / "RESULTS.md", tmp_path / "rows.json"
+    args = ["bench", "--models", "tiny-sd3", "--methods", "fp32", "--latent", "8,16", "--repeats", "1"]
+    assert main([*args, "--results", str(report), "--json", str(rows)]) == 0
+    out = capsys.readouterr().out
+    assert f"report -> {report}" in out and "tiny SD3-layout MMDiT, latent 8x8" in out
+    data = json.loads(rows.read_text())
+    assert data["complete"] and [(r["latent"], r["status"]) for r in data["rows"]] == [(8, "ok"), (16, "ok")]
+    assert data["command"].startswith("quantdiff bench --models tiny-sd3")
+    assert "PARTIAL" not in report.read_text() and "latent 16x16" in report.read_text()
