@@ -11,10 +11,9 @@ from __future__ import annotations
 import argparse
 import textwrap
 
-import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from quantdiff.evaluate import generate_set
 from quantdiff.evaluation.prompt_sets import read_evaluation_set
 from quantdiff.generate import load_any_pipeline
 from quantdiff.pipelines.bundled import resolve_model
@@ -37,16 +36,15 @@ def main() -> None:
     evaluation = read_evaluation_set(folder)
     prompts = list(evaluation.prompts[: args.count])
     pipe = load_any_pipeline(folder)
-    pipe.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        images = pipe(
-            [p.text for p in prompts],
-            generator=[torch.Generator().manual_seed(args.seed + i) for i in range(len(prompts))],
-            num_inference_steps=evaluation.steps,
-            guidance_scale=evaluation.guidance,
-            output_type="np",
-        ).images  # (N, 32, 32, 3) in [0, 1]
-    images = np.rint(images * 255).astype(np.uint8)
+    images = generate_set(
+        pipe,
+        [p.text for p in prompts],
+        [args.seed + i for i in range(len(prompts))],
+        steps=evaluation.steps,
+        guidance=evaluation.guidance,
+        batch_size=len(prompts),
+        desc=args.model,
+    ).images  # (N, 32, 32, 3) uint8
 
     font = ImageFont.load_default()
     side = images.shape[1] * SCALE

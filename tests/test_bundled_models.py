@@ -7,11 +7,11 @@ so the issue's alignment targets (>= 90% / 85%, all three heads) are not asserte
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline
 
+from quantdiff.evaluate import generate_set
 from quantdiff.evaluation.evaluator import adherence, load_evaluator, predict
 from quantdiff.evaluation.prompt_sets import read_calibration_prompts, read_evaluation_set
 from quantdiff.pipelines.bundled import TRAINED, resolve_model
@@ -26,17 +26,18 @@ def test_shipped_model_follows_its_prompts(name):
     evaluation = read_evaluation_set(folder)
     assert evaluation is not None and len(read_calibration_prompts(folder)) >= 32
     prompts = list(evaluation.prompts[:16])
-    pipe.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        images = pipe(
-            [p.text for p in prompts],
-            generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))],
-            num_inference_steps=evaluation.steps,
-            guidance_scale=evaluation.guidance,
-            output_type="np",
-        ).images
-    assert images.shape == (16, 32, 32, 3) and np.isfinite(images).all()
-    images = np.rint(images * 255).astype(np.uint8)
+    generated = generate_set(
+        pipe,
+        [p.text for p in prompts],
+        list(range(len(prompts))),
+        steps=evaluation.steps,
+        guidance=evaluation.guidance,
+        batch_size=len(prompts),
+        desc=name,
+        progress=False,
+    )
+    images = generated.images  # (16, 32, 32, 3) uint8
+    assert images.shape == (16, 32, 32, 3) and torch.isfinite(generated.latents).all()
     scores = adherence(predict(load_evaluator(), images), [p.spec for p in prompts])
     # The full measurement (hundreds of images) is `quantdiff eval`. Chance is 1/8 per colour head.
     assert scores["foreground"] >= 0.5 and scores["background"] >= 0.5, scores

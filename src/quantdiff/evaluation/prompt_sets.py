@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from quantdiff.calibration.prompts import read_prompts
 from quantdiff.errors import QuantDiffError
 from quantdiff.evaluation.digits import DigitSpec, caption, combinations, evaluation_prompts, heldout_combinations
 from quantdiff.jsonfile import read_json_object
@@ -72,10 +73,7 @@ class EvaluationSet:
 def read_calibration_prompts(folder: str | os.PathLike) -> list[str] | None:
     """The folder's own calibration prompts, or ``None`` when it carries none."""
     path = Path(folder) / PROMPTS_FOLDER / CALIBRATION_FILE
-    if not path.is_file():
-        return None
-    lines = [line.strip() for line in path.read_text().splitlines()]
-    return [line for line in lines if line and not line.startswith("#")] or None
+    return read_prompts(path) if path.is_file() else None
 
 
 def read_evaluation_set(folder: str | os.PathLike) -> EvaluationSet | None:
