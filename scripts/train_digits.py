@@ -3,8 +3,10 @@
 python scripts/train_digits.py --model sd  [--out src/quantdiff/data/models/digits-sd]  [--seed 0] [--denoiser-steps N]
 python scripts/train_digits.py --model sd3 [--out src/quantdiff/data/models/digits-sd3] [--vae-from DIGITS_SD_DIR]
 
-Every field of DigitsSDConfig / DigitsSD3Config is an option. ``sd3`` trains its own autoencoder with the
-digits-sd recipe unless ``--vae-from`` names a digits-sd folder to reuse.
+Every field of DigitsSDConfig / DigitsSD3Config is an option. Each model trains its own autoencoder unless
+``--vae-from`` names a digits folder to reuse it from. Every ``--probe-every`` steps the current weights
+generate the model's evaluation prompts and the digits evaluator scores them, so a run shows whether it
+is learning long before it ends.
 """
 
 from __future__ import annotations
@@ -14,12 +16,50 @@ import dataclasses
 import time
 from pathlib import Path
 
-from quantdiff.evaluation.prompt_sets import digits_prompt_sets, write_prompt_sets
+import numpy as np
+import torch
+
+from quantdiff.evaluate import generate_set
+from quantdiff.evaluation.evaluator import adherence, load_evaluator, predict
+from quantdiff.evaluation.prompt_sets import EvaluationSet, digits_prompt_sets, write_prompt_sets
 from quantdiff.training.digits_sd import DigitsSDConfig, train_digits_sd
 from quantdiff.training.digits_sd3 import DigitsSD3Config, train_digits_sd3
 
 MODELS = Path(__file__).resolve().parent.parent / "src" / "quantdiff" / "data" / "models"
 CONFIGS = {"sd": DigitsSDConfig, "sd3": DigitsSD3Config}
+PROBE_SEED = 1000  # as `quantdiff eval --seed 1000`: not the seeds the main job evaluates on
+
+
+def alignment_probe(evaluation: EvaluationSet):
+    """A training probe: alignment of the current weights on the evaluation prompts, printed per head."""
+    evaluator = load_evaluator()
+    prompts = [p.text for p in evaluation.prompts]
+    specs = [p.spec for p in evaluation.prompts]
+    heldout = np.array([p.heldout for p in evaluation.prompts])
+
+    def probe(step: int, pipe) -> None:
+        with torch.no_grad():
+            generated = generate_set(
+                pipe,
+                prompts,
+                [PROBE_SEED + i for i in range(len(prompts))],
+                steps=evaluation.steps,
+                guidance=evaluation.guidance,
+                batch_size=len(prompts),
+                desc="probe",
+                progress=False,
+            )
+        predictions = predict(evaluator, generated.images)
+        scores = adherence(predictions, specs)
+        held = adherence(predict(evaluator, generated.images[heldout]), [s for s, h in zip(specs, heldout) if h])
+        print(
+            f"probe step {step}: alignment {scores['all']:.0%} (held-out {held['all']:.0%}), digit"
+            f" {scores['digit']:.0%}, foreground {scores['foreground']:.0%}, background {scores['background']:.0%}"
+            f" ({generated.seconds:.0f} s)",
+            flush=True,
+        )
+
+    return probe
 
 
 def main() -> None:
@@ -30,8 +70,7 @@ def main() -> None:
     config_type = CONFIGS[model]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], parents=[choose])
     parser.add_argument("--out", default=str(MODELS / f"digits-{model}"))
-    if model == "sd3":
-        parser.add_argument("--vae-from", help="reuse the autoencoder of this digits-sd folder")
+    parser.add_argument("--vae-from", help="reuse the autoencoder of this digits pipeline folder")
     defaults = config_type()
     for field in dataclasses.fields(config_type):
         parser.add_argument(
@@ -44,12 +83,11 @@ def main() -> None:
     out = args.pop("out")
     vae_from = args.pop("vae_from", None)
     config = config_type(**args)
-    started = time.time()
-    if model == "sd":
-        train_digits_sd(out, config)
-    else:
-        train_digits_sd3(out, config, vae_from=vae_from)
     calibration, evaluation = digits_prompt_sets(seed=config.seed)
+    probe = alignment_probe(evaluation) if config.probe_every > 0 else None
+    started = time.time()
+    train = train_digits_sd if model == "sd" else train_digits_sd3
+    train(out, config, vae_from=vae_from, probe=probe)
     write_prompt_sets(out, calibration, evaluation)
     print(f"trained {config} in {time.time() - started:.0f} s -> {out}")
 

@@ -101,11 +101,13 @@ def test_quantdiff_rows_report_path_and_int8_bytes(result):
     w8a8, w8a16 = rows["qd-w8a8"], rows["qd-w8a16"]
     assert w8a8.status == "ok" and w8a16.status == "ok"
     assert 5 < w8a8.sqnr_db < 80 and 5 < w8a16.sqnr_db < 80
-    quantized_fp32_bytes = 4 * w8a8.stored_bytes  # int8: one byte per weight of the quantized layers
+    assert w8a16.quantized_layers == w8a8.quantized_layers
+    quantized_fp32_bytes = 4 * w8a16.stored_bytes  # int8 weight_q: one byte per weight of the quantized layers
     if kernel_support().available:
         assert w8a8.path == "integer" and w8a8.integer_layers == w8a8.quantized_layers > 0
-        # held in integer mode: weight_q + the prepacked copy = 2 bytes per 4 fp32 bytes (+ conv compensation)
-        assert 0.5 <= (w8a8.stored_bytes + w8a8.kernel_bytes) / quantized_fp32_bytes < 0.52
+        # integer mode holds the prepacked copy *instead of* weight_q: 1 byte per weight (+ conv compensation)
+        assert w8a8.stored_bytes == 0
+        assert 0.25 <= w8a8.kernel_bytes / quantized_fp32_bytes < 0.26
     # the whole model (fp32 layers the plan keeps, biases, norms included) is 0.25-0.6x of fp32
     assert 0.25 < w8a8.weight_ratio_vs_fp32 < 0.6
     assert w8a16.path == "reference" and w8a16.reference_layers == w8a16.quantized_layers

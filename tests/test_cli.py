@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from PIL import Image
@@ -224,3 +225,37 @@ def test_existing_output_is_not_overwritten(quantized_folder, tiny_folders, caps
     err = _run_failing(["quantize", tiny_folders["sd3"], "--recipe", "w8a16", "--out", str(quantized_folder)], capsys)
     assert "already exists" in err and "--overwrite" in err
     assert (quantized_folder / "quantdiff.json").read_text() == before
+
+
+def test_inspect_execution_shows_kernel_paths_and_widened_int4(tiny_folders, tmp_path, capsys):
+    from quantdiff.nn.kernels import kernel_support
+    from quantdiff.recipe import PRESETS, Recipe, TensorSpec
+
+    recipe = Recipe("w4a8-channel", TensorSpec(bits=4, symmetric=True, granularity="channel"), PRESETS["w8a8"].activations)
+    recipe_path = tmp_path / "w4a8-channel.json"
+    recipe_path.write_text(json.dumps(recipe.to_dict()))
+    model, out = tiny_folders["sd15"], tmp_path / "q"
+    args = ["--num-prompts", "2", "--steps", "3", "--num-timesteps", "2", "--mode", "noise", "--out", str(out)]
+    assert main(["--quiet", "quantize", model, "--recipe", str(recipe_path), *args]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--execution", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    execution, totals = report["execution"], report["totals"]
+    quantized = [layer for layer in report["layers"] if layer["weights"] is not None]
+    assert execution["integer_layers"] + execution["reference_layers"] == totals["quantized_layers"] == len(quantized)
+    if kernel_support().available:
+        assert execution["integer_layers"] == execution["widened_layers"] == len(quantized)
+        assert all(layer["path"] == "integer" and layer["widened"] for layer in quantized)
+        # the kernel holds int8 (1 byte per weight) in place of the packed 4-bit weight (half a byte)
+        extra = execution["held_bytes"] - totals["stored_bytes"]
+        half_bytes = sum(math.prod(layer["shape"]) for layer in quantized) / 2
+        compensation = 4 * sum(layer["shape"][0] for layer in quantized if layer["type"] == "Conv2d")
+        assert half_bytes - len(quantized) <= extra <= half_bytes + compensation
+        assert execution["ratio_vs_fp32"] == pytest.approx(execution["held_bytes"] / totals["fp32_bytes"])
+    assert main(["inspect", str(out), "--execution"]) == 0
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].split()[-2:] == ["cpu", "path"] and "held in integer mode" in table
+    if kernel_support().available:
+        assert "int8 kernel (int4 widened)" in table
+    assert main(["inspect", model, "--execution"]) == 2
+    assert "--execution needs a quantized folder" in capsys.readouterr().err

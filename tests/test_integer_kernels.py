@@ -133,29 +133,44 @@ def test_channels_last_and_unbatched_conv_inputs():
 
 
 @needs_kernels
-def test_storage_stays_integer_and_the_kernel_copy_is_measured():
+def test_integer_mode_holds_one_int8_copy_and_rebuilds_weight_q_exactly():
     c_out, k = 1280, 320
     layer, x = _layer_and_input("linear", (k, c_out, 64), "normal", "ln")
     quantized = _quantized(layer, x, PAIR_SAFE)
     stored = quantized.weight_q.clone()
+    assert stored.dtype == torch.int8 and tuple(stored.shape) == (c_out, k)
+    saved_before = {key: value.clone() for key, value in quantized.state_dict().items()}
     summary_entry = quantized.set_execution("integer", support=SUPPORT)
     assert summary_entry.path == "integer"
-    # the stored weight is untouched: int8, one byte per weight, and still the saved tensor
-    assert quantized.weight_q.dtype == torch.int8 and tuple(quantized.weight_q.shape) == (c_out, k)
-    assert quantized.weight_q.numel() * quantized.weight_q.element_size() == c_out * k
-    assert torch.equal(quantized.weight_q, stored)
-    assert "weight_q" in quantized.state_dict() and not any("packed" in key for key in quantized.state_dict())
-    # the prepacked copy is a second int8 copy of the same size, and holds the whole weight
+    # the prepacked copy is the only copy held: one byte per weight, weight_q released
+    assert not quantized.holds_weight_q and quantized.weight_q is None
     assert quantized.kernel_bytes == c_out * k
-    assert torch.equal(quantized._kernel.dense_weight(), quantized.weight_q)
+    # ... and everything that reads the weight gets it back bit for bit
+    assert torch.equal(quantized.integer_weight(), stored)
+    saved = quantized.state_dict()
+    assert saved.keys() == saved_before.keys() and not any("packed" in key for key in saved)
+    assert all(torch.equal(saved[key], saved_before[key]) for key in saved)
+    assert torch.equal(copy.deepcopy(quantized).weight_q, stored)
+    with torch.no_grad():
+        integer = quantized(x)
+        assert torch.equal(quantized.reference_forward(x), _quantized(layer, x, PAIR_SAFE).reference_forward(x))
+    quantized.set_execution("reference")
+    assert quantized.holds_weight_q and torch.equal(quantized.weight_q, stored)
+    quantized.set_execution("integer", support=SUPPORT)
+    with torch.no_grad():
+        assert torch.equal(quantized(x), integer)  # re-prepacked from the restored weight: same kernel
+    quantized.to(torch.device("cpu"))
+    assert quantized.holds_weight_q and torch.equal(quantized.weight_q, stored)
 
     conv, xc = _layer_and_input("conv", (320, 320, 3, 1, 1, 1, 16), "normal", "silu")
     qconv = _quantized(conv, xc, PAIR_SAFE)
+    stored_conv = qconv.weight_q.clone()
     qconv.set_execution("integer", support=SUPPORT)
     kc = 320 * 9
-    assert qconv.weight_q.dtype == torch.int8 and qconv.weight_q.numel() * qconv.weight_q.element_size() == 320 * kc
+    assert qconv.weight_q is None
     assert 320 * kc <= qconv.kernel_bytes <= 320 * kc + 4 * 320  # + oneDNN's int32 compensation per channel
-    assert torch.equal(qconv._kernel.dense_weight(), qconv.weight_q)
+    assert torch.equal(qconv.integer_weight(), stored_conv)
+    assert torch.equal(qconv.state_dict()["weight_q"], stored_conv)
 
 
 @needs_kernels
@@ -166,13 +181,14 @@ def test_packed_int4_per_channel_weights_are_widened_for_the_kernel():
     quantized = _quantized(layer, x, recipe)
     with torch.no_grad():
         reference = quantized(x)
+        stored = quantized.weight_q.clone()
         decision = quantized.set_execution("integer", support=SUPPORT)
         integer = quantized(x)
-    assert quantized.weight_q.dtype == torch.uint8
-    assert quantized.weight_q.numel() * quantized.weight_q.element_size() == c_out * math.ceil(k / 2)  # held packed
+    assert stored.dtype == torch.uint8 and stored.numel() == c_out * math.ceil(k / 2)  # stored and saved packed
     assert decision.path == "integer" and decision.widened and "widened to int8" in decision.reason
     assert quantized.kernel_bytes >= c_out * k  # the kernel's copy is int8
-    assert torch.equal(quantized._kernel.dense_weight(), unpack_int4(quantized.weight_q, k, signed=True))
+    assert torch.equal(quantized._kernel.dense_weight(), unpack_int4(stored, k, signed=True))
+    assert torch.equal(quantized.integer_weight(), stored)  # re-packed from the kernel's copy, bit for bit
     assert sqnr_db(reference, integer) >= 35
 
 

@@ -48,8 +48,8 @@ VmHWM, reset through ``/proc/self/clear_refs`` (or a 2 ms RSS sampler where that
 
 * ``weight_bytes``: weight tensors the method holds, counted tensor by tensor: parameters, buffers,
   tensor attributes, the inner tensors of tensor subclasses (torchao, quanto), torch.ao packed weights,
-  and quantdiff's prepacked kernel copies (integer mode holds ``weight_q`` *and* the packed copy: 2 bytes
-  per int8 weight); fp32 layers a method leaves unquantized count too. ``ort-qdq``: the quantized ONNX
+  and quantdiff's prepacked kernel copies (integer mode releases ``weight_q`` to the packed copy, so a W8
+  layer holds 1 byte per weight); fp32 layers a method leaves unquantized count too. ``ort-qdq``: the quantized ONNX
   model's bytes. What ``torch.compile`` adds (frozen / prepacked weight copies plus generated code) cannot
   be split by tensor; it is measured as RSS and reported as ``compile_added_bytes``.
 * ``held_bytes``: RSS the method added when it was built (after its first calls, settled), including
@@ -74,7 +74,7 @@ JSON (:func:`write_json`): ``{"format": "quantdiff-bench", "version": 1, "starte
 * ``median_s``, ``min_s``, ``times_s`` (list), ``group`` (int), ``fp32_median_s`` (fp32 eager's median in
   that group), ``speedup_vs_fp32``, ``speedup_vs_best_fp32``, ``best_fp32`` (``fp32`` | ``fp32-compile``);
 * ``weight_bytes``, ``weight_ratio_vs_fp32``, ``stored_bytes`` / ``kernel_bytes`` (quantdiff: ``weight_q``
-  and prepacked bytes), ``compile_added_bytes``, ``held_bytes``, ``peak_rss_bytes``, ``setup_peak_rss_bytes``,
+  bytes still held, 0 for layers on the integer path, and prepacked bytes), ``compile_added_bytes``, ``held_bytes``, ``peak_rss_bytes``, ``setup_peak_rss_bytes``,
   ``step_peak_extra_bytes``;
 * ``sqnr_db`` (dB vs fp32 eager on the evaluation input; ``null`` with ``identical_to_fp32: true`` when
   bit-identical), ``setup_s``, ``first_call_s``, ``one_time_s``;
@@ -2135,15 +2135,11 @@ def _targets(result: BenchResult) -> list[str]:
                 f"{pt2e.speedup_vs_fp32:.2f}x"
             )
         w8 = by.get("qd-w8a8")
-        if w8 is not None and w8.weight_bytes is not None and w8.kernel_bytes is not None:
-            fp32_bytes = by["fp32"].weight_bytes if "fp32" in by else None
-            if fp32_bytes:
-                lines.append(
-                    f"  - W8 weights in memory (target <= 0.26x): "
-                    f"{(w8.weight_bytes - w8.kernel_bytes) / fp32_bytes:.3f}x "
-                    f"of fp32 as stored (int8 weight_q + the fp32 layers the plan keeps, biases, norms: the reference "
-                    f"mode), {w8.weight_ratio_vs_fp32:.3f}x in integer mode (+ oneDNN's prepacked copy)"
-                )
+        if w8 is not None and w8.weight_ratio_vs_fp32 is not None:
+            lines.append(
+                f"  - W8 weights in memory (target <= 0.26x): {w8.weight_ratio_vs_fp32:.3f}x of fp32 in integer mode "
+                f"(oneDNN's packed int8 copy in place of weight_q, plus the fp32 layers the plan keeps, biases, norms)"
+            )
         w4 = by.get("qd-w4a8")
         if w4 is not None and w4.weight_ratio_vs_fp32 is not None:
             lines.append(
@@ -2230,7 +2226,7 @@ def render_markdown(result: BenchResult) -> str:
         "the memory budget, then freed. `vs fp32 eager` = fp32 eager median in the same group / the method's "
         "median; `vs best fp32` divides by fp32-compile's own speedup when compiling helped.",
         "- weights: tensor bytes the method holds (prepacked kernel copies included: quantdiff's integer mode "
-        "holds `weight_q` and oneDNN's packed copy; fp32 layers a method does not quantize count too). held: RSS the "
+        "holds oneDNN's packed copy in place of `weight_q`; fp32 layers a method does not quantize count too). held: RSS the "
         "method added when built, after gc + malloc_trim, including what torch.compile added (frozen weight copies, "
         "code). peak RSS: process base + held + the step's measured transient, i.e. a process holding only this "
         "method. one-time: setup (quantize, calibrate, export, convert) + first call (compile included).",

@@ -109,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--recipe", help="for a pipeline folder: show the plan and sizes this recipe would give")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON (schema in quantdiff.report)")
     inspect.add_argument("--max-layers", type=int, help="show at most N layers in the table")
+    inspect.add_argument(
+        "--execution",
+        action="store_true",
+        help="quantized folder: load it and show which layers run on this CPU's int8 kernels (and which widen "
+        "4-bit weights), with the bytes held in integer mode",
+    )
 
     serve = verbs.add_parser("serve", help="web app and HTTP API for a pipeline or quantized folder")
     serve.add_argument("model", metavar="MODEL", help="diffusers pipeline folder or quantized folder")
@@ -321,8 +327,10 @@ def _cmd_inspect(args) -> int:
     if is_quantized_folder(args.model):
         if args.recipe:
             raise QuantDiffError("--recipe applies to pipeline folders; this folder is already quantized")
-        report = report_quantized_folder(args.model)
+        report = report_quantized_folder(args.model, execution=args.execution)
     else:
+        if args.execution:
+            raise QuantDiffError("--execution needs a quantized folder: run quantize first, then inspect its output")
         report = report_pipeline_folder(args.model, args.recipe)
     print(json.dumps(report, indent=1) if args.json else format_report(report, max_layers=args.max_layers))
     return 0

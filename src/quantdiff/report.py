@@ -23,11 +23,19 @@ JSON schema (``inspect --json``)::
       ],
       "totals": {"layers": int, "quantized_layers": int, "params": int,
                  "fp32_bytes": int, "fp16_bytes": int, "stored_bytes": int,
-                 "ratio_vs_fp32": float, "ratio_vs_fp16": float}
+                 "ratio_vs_fp32": float, "ratio_vs_fp16": float},
+      "execution": null | {       # quantized folder with --execution only
+        "support": str,           # what this CPU's int8 kernels can do
+        "integer_layers": int, "reference_layers": int, "widened_layers": int,
+        "held_bytes": int,        # the denoiser in integer mode: packed kernel copies + tensors still held
+        "ratio_vs_fp32": float}
     }
 
 ``totals`` cover the whole denoiser (norms, embeddings and layers kept in floating point included);
-``stored_bytes`` is the size of the quantized denoiser as stored and held in memory.
+``stored_bytes`` is the size of the quantized denoiser as stored and held in memory in reference mode.
+With ``execution``, each quantized layer also has ``"path"`` (``integer`` | ``reference``), ``"widened"``
+(4-bit weights widened to int8 for the kernel) and ``"path_reason"``: what ``use_integer_kernels`` does
+with it on this machine. Finding out loads the weights and prepacks them once.
 """
 
 from __future__ import annotations
@@ -43,13 +51,14 @@ from quantdiff.pipelines.loading import read_pipeline_folder
 from quantdiff.plan import QuantPlan, resolve_plan
 from quantdiff.quantize import build_skeleton
 from quantdiff.recipe import PRESETS, Recipe, load_recipe
-from quantdiff.serialization import all_tensors, read_quantized_folder
+from quantdiff.nn.quantized import use_integer_kernels
+from quantdiff.serialization import all_tensors, load_quantized_denoiser, read_quantized_folder
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
-def report_quantized_folder(path: str | os.PathLike) -> dict[str, Any]:
-    """Report of a folder written by ``save_quantized``."""
+def report_quantized_folder(path: str | os.PathLike, *, execution: bool = False) -> dict[str, Any]:
+    """Report of a folder written by ``save_quantized``; ``execution``: add this CPU's integer-kernel paths."""
     folder = read_quantized_folder(path)
     tensors: dict[str, tuple[tuple[int, ...], int, bool]] = {}
     with safe_open(folder.weights_path, framework="pt") as handle:
@@ -58,9 +67,33 @@ def report_quantized_folder(path: str | os.PathLike) -> dict[str, Any]:
             dtype = view.get_dtype()
             tensors[name] = (tuple(view.get_shape()), _DTYPE_BYTES[dtype], dtype.startswith(("F", "BF")))
     info = folder.info
-    return _report(
+    report = _report(
         str(folder.path), True, info.plan, info.recipe, info.architecture.name, folder.denoiser_class, tensors
     )
+    report["execution"] = _integer_execution(folder.path, report) if execution else None
+    return report
+
+
+def _integer_execution(path, report: dict[str, Any]) -> dict[str, Any]:
+    """Switch the stored denoiser to integer kernels and record each layer's path and the bytes it holds."""
+    denoiser = load_quantized_denoiser(path)
+    summary = use_integer_kernels(denoiser)
+    by_name = {layer.name: layer for layer in summary.layers}
+    for entry in report["layers"]:
+        layer = by_name.get(entry["name"])
+        if layer is not None:
+            entry.update(path=layer.path, widened=layer.widened, path_reason=layer.reason)
+    # named_buffers skips the weight_q buffers the kernels released; their packed copies count instead
+    held = sum(t.numel() * t.element_size() for t in (*denoiser.parameters(), *denoiser.buffers()))
+    held += sum(layer.kernel_bytes for layer in summary.layers)
+    return {
+        "support": summary.support.describe() if summary.support is not None else "",
+        "integer_layers": len(summary.integer),
+        "reference_layers": len(summary.reference),
+        "widened_layers": sum(layer.widened for layer in summary.layers),
+        "held_bytes": held,
+        "ratio_vs_fp32": held / report["totals"]["fp32_bytes"] if report["totals"]["fp32_bytes"] else float("nan"),
+    }
 
 
 def report_pipeline_folder(path: str | os.PathLike, recipe: Recipe | str | None = None) -> dict[str, Any]:
@@ -127,6 +160,7 @@ def _report(path, quantized: bool, plan: QuantPlan, recipe, architecture, denois
         "denoiser_class": denoiser_class,
         "layers": layers,
         "totals": totals,
+        "execution": None,
     }
 
 
@@ -145,6 +179,9 @@ def format_report(report: dict[str, Any], *, max_layers: int | None = None) -> s
         )
         for entry in report["layers"]
     ]
+    if report.get("execution") is not None:  # the integer-kernel path of each layer on this CPU
+        header = (*header, "cpu path")
+        rows = [(*row, _path_cell(entry)) for row, entry in zip(rows, report["layers"], strict=True)]
     hidden = 0
     if max_layers is not None and len(rows) > max_layers:
         hidden = len(rows) - max_layers
@@ -174,7 +211,23 @@ def format_totals(report: dict[str, Any]) -> str:
         f"stored {_bytes(totals['stored_bytes'])} "
         f"({totals['ratio_vs_fp32']:.3f}x of fp32, {totals['ratio_vs_fp16']:.3f}x of fp16)",
     ]
+    execution = report.get("execution")
+    if execution is not None:
+        lines += [
+            f"integer mode: {execution['integer_layers']} layers on the int8 kernel "
+            f"({execution['widened_layers']} with 4-bit weights widened to int8), "
+            f"{execution['reference_layers']} on the reference path; {execution['support']}",
+            f"held in integer mode: {_bytes(execution['held_bytes'])} ({execution['ratio_vs_fp32']:.3f}x of fp32)",
+        ]
     return "\n".join(lines)
+
+
+def _path_cell(entry: dict[str, Any]) -> str:
+    if "path" not in entry:
+        return "fp32"
+    if entry["path"] == "integer":
+        return "int8 kernel (int4 widened)" if entry["widened"] else "int8 kernel"
+    return entry["path_reason"].split(";")[0].split(" (")[0]
 
 
 def _bytes(count: int) -> str:

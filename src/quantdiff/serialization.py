@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from quantdiff.atomic import atomic_directory
 from quantdiff.errors import FormatError
 from quantdiff.jsonfile import read_json_object
+from quantdiff.nn.quantized import QuantizedLayer
 from quantdiff.pipelines.architectures import ARCHITECTURES
 from quantdiff.pipelines.loading import (
     component_configs_hash,
@@ -249,9 +250,16 @@ def load_quantized_pipeline(
 
 
 def all_tensors(module: nn.Module) -> dict[str, Tensor]:
-    """Parameters and *all* buffers, non-persistent ones included, so loading needs no re-initialisation."""
+    """Parameters and *all* buffers, non-persistent ones included, so loading needs no re-initialisation.
+
+    A quantized layer in integer mode has released ``weight_q`` to its kernel; it is rebuilt here, so a
+    model saves the same tensors in either mode.
+    """
     tensors = dict(module.named_parameters())
     tensors.update(module.named_buffers())
+    for name, layer in module.named_modules():
+        if isinstance(layer, QuantizedLayer) and not layer.holds_weight_q:
+            tensors[f"{name}.weight_q" if name else "weight_q"] = layer.integer_weight()
     return tensors
 
 

@@ -23,6 +23,11 @@ Two execution modes share those buffers:
   integers exactly when the layer is eligible; layers that are not keep the reference path, each with
   the reason. :func:`use_integer_kernels` switches a whole model and returns an :class:`ExecutionSummary`;
   :func:`use_reference` switches back. The mode is not saved: a loaded model starts in reference mode.
+
+In integer mode the kernel's prepacked weight is the only copy held: ``weight_q`` is released (its buffer
+is ``None``) and rebuilt bit for bit from the packed copy whenever something needs it -- ``state_dict`` /
+saving, the reference fallback, ``.to()``, copying, or switching back -- so W8 holds 1 byte per weight in
+either mode, not 2. :meth:`QuantizedLayer.integer_weight` reads it in either mode.
 """
 
 from __future__ import annotations
@@ -176,6 +181,7 @@ class QuantizedLayer(nn.Module):
         if tuple(weight.shape) != tuple(self.weight_shape):
             raise ValueError(f"weight shape {tuple(weight.shape)} != layer shape {tuple(self.weight_shape)}")
         weight_q, scale, zero_point = quantize_weight(weight, self.weight_spec)
+        self._drop_kernel()  # restores weight_q if the kernel held the only copy
         self.weight_q = weight_q.to(self.weight_q.device)
         self.weight_scale = scale.to(self.weight_scale.device)
         if zero_point is not None:
@@ -218,7 +224,26 @@ class QuantizedLayer(nn.Module):
             if self._support is None:
                 self._support = kernel_support()
             self._kernel, self._decision = build_kernel(self, self._support, self._allow_inexact)
+            if self._kernel is not None:
+                self._buffers["weight_q"] = None  # the packed copy holds it now: see integer_weight()
         return self._decision
+
+    @property
+    def holds_weight_q(self) -> bool:
+        """False while the integer kernel's packed copy is the only copy of the weight."""
+        return self._buffers["weight_q"] is not None
+
+    def integer_weight(self) -> Tensor:
+        """The stored integer weight (``weight_q``'s layout), rebuilt from the kernel while it is released."""
+        stored = self._buffers["weight_q"]
+        if stored is not None:
+            return stored
+        dense = self._kernel.dense_weight()  # (C_out, K) int8, widened for 4-bit weights
+        return pack_int4(dense) if self.weight_spec.packed else dense
+
+    def _restore_weight_q(self) -> None:
+        if self._buffers["weight_q"] is None:
+            self._buffers["weight_q"] = self.integer_weight()
 
     @property
     def kernel_bytes(self) -> int:
@@ -226,6 +251,8 @@ class QuantizedLayer(nn.Module):
         return 0 if self._kernel is None else self._kernel.nbytes
 
     def _drop_kernel(self) -> None:
+        if self._kernel is not None:
+            self._restore_weight_q()
         self._kernel, self._decision = None, None
 
     def _integer_forward(self, x: Tensor) -> Tensor | None:
@@ -245,25 +272,30 @@ class QuantizedLayer(nn.Module):
             return None
         return self._kernel(x, self.bias)
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not self.holds_weight_q:  # released in integer mode: the saved file is the same in either mode
+            destination[prefix + "weight_q"] = self.integer_weight()
+
     def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._drop_kernel()  # weight_q must be a buffer again to be loaded into
         super()._load_from_state_dict(*args, **kwargs)
-        self._drop_kernel()
 
     def _apply(self, fn, *args, **kwargs):
-        result = super()._apply(fn, *args, **kwargs)
         self._drop_kernel()  # moved or cast: rebuild from the buffers where they now are
-        return result
+        return super()._apply(fn, *args, **kwargs)
 
     def __getstate__(self) -> dict:
         # The packed oneDNN tensor cannot be copied or pickled; copies rebuild it on their first forward.
         state = self.__dict__.copy()
+        state["_buffers"] = {**self._buffers, "weight_q": self.integer_weight()}
         state["_kernel"], state["_decision"] = None, None
         return state
 
     def dequantized_weight(self) -> Tensor:
         """The float32 weight the integer weight stands for."""
         return dequantize_weight(
-            self.weight_q, self.weight_scale, self.weight_zero_point, self.weight_spec, self.weight_shape
+            self.integer_weight(), self.weight_scale, self.weight_zero_point, self.weight_spec, self.weight_shape
         )
 
     def quantize_input(self, x: Tensor) -> Tensor:
@@ -356,8 +388,8 @@ class LayerExecution:
         reason: why, e.g. ``"int8 oneDNN; pair-safe weights"`` or ``"reference: per-group weights ..."``.
         exact: the path computes what the reference computes (False: an allowed, saturating integer layer).
         widened: 4-bit weights widened to int8 for the kernel.
-        stored_bytes: bytes of the stored integer weight (``weight_q``), held in both modes.
-        kernel_bytes: bytes of the kernel's prepacked copy, held in addition in integer mode.
+        stored_bytes: bytes of ``weight_q`` held now: 0 on the integer path, where the packed copy replaces it.
+        kernel_bytes: bytes of the kernel's prepacked copy (integer path only).
     """
 
     name: str
@@ -483,6 +515,6 @@ def _describe(name: str, module: QuantizedLayer) -> LayerExecution:
         reason=decision.reason,
         exact=decision.exact,
         widened=decision.widened,
-        stored_bytes=module.weight_q.numel() * module.weight_q.element_size(),
+        stored_bytes=module.weight_q.numel() * module.weight_q.element_size() if module.holds_weight_q else 0,
         kernel_bytes=module.kernel_bytes,
     )

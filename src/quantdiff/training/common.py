@@ -8,10 +8,13 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, DiffusionPipeline
 from tqdm.auto import tqdm
 
-from quantdiff.evaluation.digits import CAPTION_TEMPLATES, COLOURS, DIGIT_WORDS
+from quantdiff.evaluation.digits import CAPTION_TEMPLATES, COLOURS, DIGIT_WORDS, DigitSpec, spec_labels
+
+# Called during training with (step, pipeline holding the current weights), e.g. to log alignment.
+Probe = Callable[[int, DiffusionPipeline], None]
 
 # Longest caption is ~12 words; 20 tokens leave room for <|startoftext|> / <|endoftext|> and keep the
 # text encoders and the text side of attention cheap.
@@ -22,6 +25,31 @@ def caption_vocabulary() -> list[str]:
     """Every caption template filled with every word it can hold: the text the tokenizer learns from."""
     fills = [dict(fg=c, bg=c, word=w, num=str(n)) for c in COLOURS for n, w in enumerate(DIGIT_WORDS)]
     return [template.format(**fill) for template in CAPTION_TEMPLATES for fill in fills]
+
+
+class CaptionLabelHead(torch.nn.Module):
+    """Training-only head that reads digit, foreground and background off a pooled text embedding.
+
+    Trained jointly with a denoiser alone, the text encoder collapses the digit words (measured: their
+    embeddings ended 5x closer together than at random init) because early on the denoiser uses only the
+    colours, and whatever it does not use yet decays. This auxiliary loss keeps every part of the caption
+    linearly readable from the pooled embedding. It is dropped after training; the pipeline never sees it.
+    """
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.sizes = (len(DIGIT_WORDS), len(COLOURS), len(COLOURS))
+        self.proj = torch.nn.Linear(width, sum(self.sizes))
+
+    def loss(self, pooled: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the three heads; pooled (B, width), labels (B, 3) int64."""
+        logits = self.proj(pooled).split(self.sizes, dim=-1)  # 3 x (B, classes)
+        return sum(F.cross_entropy(head, labels[:, i]) for i, head in enumerate(logits)) / len(logits)
+
+
+def caption_labels(specs: list[DigitSpec]) -> torch.Tensor:
+    """(N, 3) int64 digit, foreground and background classes of ``specs``, for ``CaptionLabelHead``."""
+    return torch.from_numpy(np.stack(spec_labels(specs), axis=1))
 
 
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:

@@ -13,6 +13,10 @@ Stages (deterministic from ``seed``):
    ``scaling_factor`` so latents have unit variance, as Stable Diffusion does;
 3. train a ``UNet2DConditionModel`` and a small ``CLIPTextModel`` together with the DDPM epsilon loss,
    captions dropped 10% of the time for classifier-free guidance, and an EMA of the UNet weights.
+   An auxiliary head (``CaptionLabelHead``) keeps digit and colours readable from the text encoder's
+   pooled output, and the UNet also gets the pooled caption through its time embedding
+   (``addition_embed_type="text"``), so the digit word reaches every residual block, not only the
+   cross-attention layers.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -34,7 +38,10 @@ from quantdiff.evaluation.digits import make_dataset
 from quantdiff.pipelines.tiny import build_clip_tokenizer
 from quantdiff.training.common import (
     MAX_TOKENS,
+    CaptionLabelHead,
+    Probe,
     build_vae,
+    caption_labels,
     caption_vocabulary,
     cosine_lr,
     encode_pool,
@@ -57,6 +64,8 @@ class DigitsSDConfig:
     batch_size: int = 64
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
+    caption_loss_weight: float = 0.1
+    probe_every: int = 1_000
     # One thread: these small models barely gain from two, and a 2-thread OpenMP pool slows down ~10x
     # whenever anything else runs on a 2-core machine.
     threads: int = 1
@@ -93,6 +102,7 @@ def build_components(seed: int = 0) -> dict:
         cross_attention_dim=64,
         attention_head_dim=8,
         norm_num_groups=16,
+        addition_embed_type="text",  # pooled caption -> time embedding (attention pooling over tokens)
     )
     # A cosine schedule suits 8x8 latents: the linear SD schedule destroys small images too early.
     train_scheduler = DDPMScheduler(
@@ -108,20 +118,38 @@ def build_components(seed: int = 0) -> dict:
 
 
 def train_denoiser(
-    components: dict, pool: torch.Tensor, captions: list[str], config: DigitsSDConfig, log: Callable[[str], None]
+    components: dict,
+    pool: torch.Tensor,
+    data_captions: list[str],
+    labels: torch.Tensor,
+    config: DigitsSDConfig,
+    log: Callable[[str], None],
+    probe: Probe | None = None,
 ) -> UNet2DConditionModel:
-    """Joint UNet + text-encoder training with the epsilon loss; returns the EMA UNet."""
+    """Joint UNet + text-encoder training with the epsilon loss; returns the EMA UNet.
+
+    ``labels`` (N, 3) are the caption classes for the auxiliary head; ``probe(step, pipe)`` is called every
+    ``config.probe_every`` steps with a pipeline holding the current EMA UNet (e.g. to measure alignment).
+    """
     tokenizer, text_encoder = components["tokenizer"], components["text_encoder"]
     vae, unet, scheduler = components["vae"], components["unet"], components["scheduler"]
     generator = torch.Generator().manual_seed(config.seed + 2)
     latents = encode_pool(vae, pool)  # (N, 4, 8, 8); the VAE is frozen now, so encode the pool once
     tokens = tokenizer(
-        captions + [""], padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
+        data_captions + [""], padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
     ).input_ids  # (N + 1, T); the last row is the empty caption
-    empty = len(captions)
+    empty = len(data_captions)
     ema = copy.deepcopy(unet).requires_grad_(False)
-    parameters = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=config.denoiser_lr, weight_decay=0.01)
+    label_head = CaptionLabelHead(text_encoder.config.hidden_size)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": list(unet.parameters()), "weight_decay": 0.01},
+            # No decay on the text side: decay is what erased the words the UNet did not use yet.
+            {"params": list(text_encoder.parameters()) + list(label_head.parameters()), "weight_decay": 0.0},
+        ],
+        lr=config.denoiser_lr,
+    )
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, config.denoiser_steps))
     unet.train()
     text_encoder.train()
@@ -134,45 +162,36 @@ def train_denoiser(
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.randint(scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
         noisy = scheduler.add_noise(x0, noise, t)
-        context = text_encoder(ids)[0]  # (B, T, 64)
-        loss = F.mse_loss(unet(noisy, t, encoder_hidden_states=context).sample, noise)
+        encoded = text_encoder(ids)
+        context = encoded.last_hidden_state  # (B, T, 64)
+        denoise_loss = F.mse_loss(unet(noisy, t, encoder_hidden_states=context).sample, noise)
+        kept = ~dropped
+        caption_loss = label_head.loss(encoded.pooler_output[kept], labels[index[kept]])  # pooled: (B, 64)
+        loss = denoise_loss + config.caption_loss_weight * caption_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
         update_ema(ema, unet, step, config.ema_decay)
-        if step % 1000 == 0 or step == config.denoiser_steps - 1:
-            log(f"denoiser step {step}: loss {loss.item():.4f} ({time.time() - started:.0f} s)")
+        last = step == config.denoiser_steps - 1
+        if step % 1000 == 0 or last:
+            log(
+                f"denoiser step {step}: loss {denoise_loss.item():.4f}, caption loss {caption_loss.item():.3f}"
+                f" ({time.time() - started:.0f} s)"
+            )
+        if probe is not None and config.probe_every > 0 and ((step + 1) % config.probe_every == 0 or last):
+            text_encoder.eval()
+            probe(step + 1, _pipeline(components, ema))
+            text_encoder.train()
     text_encoder.eval()
     return ema.eval()
 
 
-def train_digits_sd(
-    out: str | os.PathLike, config: DigitsSDConfig = DigitsSDConfig(), log: Callable[[str], None] = print
-) -> Path:
-    """Train and save the pipeline to ``out`` (fp16 safetensors; load it in fp32 for CPU inference)."""
-    torch.set_num_threads(config.threads)
-    with torch.enable_grad():  # training must not depend on the caller's grad mode
-        return _train(out, config, log)
-
-
-def _train(out: str | os.PathLike, config: DigitsSDConfig, log: Callable[[str], None]) -> Path:
-    data = make_dataset(config.pool_size, split="train", seed=config.seed, combos="train")
-    pool = images_to_tensor(data.images)
-    components = build_components(config.seed)
-    train_vae(
-        components["vae"],
-        pool,
-        steps=config.vae_steps,
-        lr=config.vae_lr,
-        batch_size=config.batch_size,
-        seed=config.seed + 1,
-        log=log,
-    )
-    unet = train_denoiser(components, pool, data.captions, config, log)
+def _pipeline(components: dict, unet: UNet2DConditionModel) -> StableDiffusionPipeline:
+    """The inference pipeline around ``unet``: DDIM on the training noise schedule."""
     scheduler = DDIMScheduler.from_config(components["scheduler"].config, clip_sample=False, set_alpha_to_one=False)
-    pipe = StableDiffusionPipeline(
+    return StableDiffusionPipeline(
         vae=components["vae"],
         text_encoder=components["text_encoder"],
         tokenizer=components["tokenizer"],
@@ -182,5 +201,49 @@ def _train(out: str | os.PathLike, config: DigitsSDConfig, log: Callable[[str], 
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
+
+
+def train_digits_sd(
+    out: str | os.PathLike,
+    config: DigitsSDConfig = DigitsSDConfig(),
+    *,
+    vae_from: str | os.PathLike | None = None,
+    log: Callable[[str], None] = print,
+    probe: Probe | None = None,
+) -> Path:
+    """Train and save the pipeline to ``out`` (fp16 safetensors; load it in fp32 for CPU inference).
+
+    ``vae_from``: reuse the autoencoder of a digits pipeline folder instead of training one.
+    """
+    torch.set_num_threads(config.threads)
+    with torch.enable_grad():  # training must not depend on the caller's grad mode
+        return _train(out, config, vae_from, log, probe)
+
+
+def _train(
+    out: str | os.PathLike,
+    config: DigitsSDConfig,
+    vae_from: str | os.PathLike | None,
+    log: Callable[[str], None],
+    probe: Probe | None,
+) -> Path:
+    data = make_dataset(config.pool_size, split="train", seed=config.seed, combos="train")
+    pool = images_to_tensor(data.images)
+    components = build_components(config.seed)
+    if vae_from is not None:
+        components["vae"] = AutoencoderKL.from_pretrained(
+            vae_from, subfolder="vae", local_files_only=True, dtype=torch.float32
+        )
+    else:
+        train_vae(
+            components["vae"],
+            pool,
+            steps=config.vae_steps,
+            lr=config.vae_lr,
+            batch_size=config.batch_size,
+            seed=config.seed + 1,
+            log=log,
+        )
+    unet = train_denoiser(components, pool, data.captions, caption_labels(data.specs), config, log, probe)
+    _pipeline(components, unet).to(torch.float16).save_pretrained(out, safe_serialization=True)
     return Path(out)

@@ -7,7 +7,9 @@ with the same recipe as ``digits-sd``'s, or reused from a ``digits-sd`` folder (
 
 Training follows SD3: rectified flow ``x_t = (1 - s) x_0 + s e``, velocity target ``e - x_0``, noise levels
 ``s`` drawn from a logit-normal, text embedded by the pipeline's own ``encode_prompt`` so that training and
-inference see exactly the same conditioning (CLIP penultimate states, zero padding, T5 zeros).
+inference see exactly the same conditioning (CLIP penultimate states, zero padding, T5 zeros). As in
+``digits-sd``, an auxiliary head (``CaptionLabelHead``) on the pooled text embedding keeps the digit
+words from collapsing while the transformer still relies on the colours.
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ from quantdiff.evaluation.digits import make_dataset
 from quantdiff.pipelines.tiny import build_clip_tokenizer
 from quantdiff.training.common import (
     MAX_TOKENS,
+    CaptionLabelHead,
+    Probe,
     build_vae,
+    caption_labels,
     caption_vocabulary,
     cosine_lr,
     encode_pool,
@@ -60,6 +65,8 @@ class DigitsSD3Config:
     batch_size: int = 64
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
+    caption_loss_weight: float = 0.1
+    probe_every: int = 1_000
     num_layers: int = 4
     attention_heads: int = 2
     head_dim: int = 32
@@ -127,18 +134,33 @@ def _pipeline(components: dict) -> StableDiffusion3Pipeline:
 
 
 def train_transformer(
-    pipe: StableDiffusion3Pipeline, latents: torch.Tensor, captions: list[str], config: DigitsSD3Config, log
+    pipe: StableDiffusion3Pipeline,
+    latents: torch.Tensor,
+    captions: list[str],
+    labels: torch.Tensor,
+    config: DigitsSD3Config,
+    log: Callable[[str], None],
+    probe: Probe | None = None,
 ) -> SD3Transformer2DModel:
-    """Joint transformer + text-encoder training with the flow-matching loss; returns the EMA transformer."""
+    """Joint transformer + text-encoder training with the flow-matching loss; returns the EMA transformer.
+
+    ``labels`` (N, 3) are the caption classes for the auxiliary head; ``probe(step, pipe)`` is called every
+    ``config.probe_every`` steps with a pipeline holding the current EMA transformer.
+    """
     transformer = pipe.transformer
     generator = torch.Generator().manual_seed(config.seed + 2)
     ema = copy.deepcopy(transformer).requires_grad_(False)
-    parameters = [
-        *transformer.parameters(),
-        *pipe.text_encoder.parameters(),
-        *pipe.text_encoder_2.parameters(),
-    ]
-    optimizer = torch.optim.AdamW(parameters, lr=config.denoiser_lr, weight_decay=0.01)
+    label_head = CaptionLabelHead(2 * CLIP_WIDTH)
+    text_parameters = [*pipe.text_encoder.parameters(), *pipe.text_encoder_2.parameters(), *label_head.parameters()]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": list(transformer.parameters()), "weight_decay": 0.01},
+            # No decay on the text side: decay is what erased the words the transformer did not use yet.
+            {"params": text_parameters, "weight_decay": 0.0},
+        ],
+        lr=config.denoiser_lr,
+    )
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, config.denoiser_steps))
     for module in (transformer, pipe.text_encoder, pipe.text_encoder_2):
         module.train()
@@ -161,15 +183,28 @@ def train_transformer(
             encoder_hidden_states=context,
             pooled_projections=pooled,
         ).sample
-        loss = F.mse_loss(velocity, noise - x0)
+        denoise_loss = F.mse_loss(velocity, noise - x0)
+        kept = ~dropped
+        caption_loss = label_head.loss(pooled[kept], labels[index[kept]])
+        loss = denoise_loss + config.caption_loss_weight * caption_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
         update_ema(ema, transformer, step, config.ema_decay)
-        if step % 1000 == 0 or step == config.denoiser_steps - 1:
-            log(f"denoiser step {step}: loss {loss.item():.4f} ({time.time() - started:.0f} s)")
+        last = step == config.denoiser_steps - 1
+        if step % 1000 == 0 or last:
+            log(
+                f"denoiser step {step}: loss {denoise_loss.item():.4f}, caption loss {caption_loss.item():.3f}"
+                f" ({time.time() - started:.0f} s)"
+            )
+        if probe is not None and config.probe_every > 0 and ((step + 1) % config.probe_every == 0 or last):
+            for module in (pipe.text_encoder, pipe.text_encoder_2):
+                module.eval()
+            probe(step + 1, _pipeline({**pipe.components, "transformer": ema}))
+            for module in (pipe.text_encoder, pipe.text_encoder_2):
+                module.train()
     for module in (pipe.text_encoder, pipe.text_encoder_2):
         module.eval()
     return ema.eval()
@@ -181,6 +216,7 @@ def train_digits_sd3(
     *,
     vae_from: str | os.PathLike | None = None,
     log: Callable[[str], None] = print,
+    probe: Probe | None = None,
 ) -> Path:
     """Train and save the pipeline to ``out`` (fp16 safetensors); ``vae_from``: reuse a digits-sd autoencoder."""
     torch.set_num_threads(config.threads)
@@ -204,6 +240,7 @@ def train_digits_sd3(
         vae.register_to_config(shift_factor=0.0)
         latents = encode_pool(vae, pool)  # (N, 4, 8, 8)
         pipe = _pipeline(build_components(vae, config))
-        pipe.transformer = train_transformer(pipe, latents, data.captions, config, log)
+        labels = caption_labels(data.specs)
+        pipe.transformer = train_transformer(pipe, latents, data.captions, labels, config, log, probe)
     pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
     return Path(out)
