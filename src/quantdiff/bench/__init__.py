@@ -1,0 +1,132 @@
+"""``quantdiff bench``: one denoiser step, fp32 vs quantdiff's integer and reference paths vs the int8 tools a
+user would pick instead, measured side by side in one process.
+
+Why: research PTQ code quantizes "in simulation" and gets no faster; quantdiff claims integer kernels and
+integer weights (issue 4). This module proves or refutes that on the machine it runs on, against the
+baseline that matters (the faster of fp32 eager and fp32 ``torch.compile``) and against every peer, with
+the memory and the one-time costs a user pays. Real-size denoisers are built from their published configs
+with random weights: speed and memory depend only on shapes, so nothing is downloaded.
+
+Rows. One row per (model, latent size, method). Methods (:data:`METHODS`):
+
+* ``fp32`` / ``fp32-compile``: the baselines. ``fp32`` always runs: it is the reference output (SQNR), the
+  source every other method is built from, and the anchor of every timing round.
+* ``qd-w8a8`` (+ ``-compile``): preset ``w8a8-int`` (pair-safe int8 weights, static int8 activations) in
+  integer mode (``quantdiff.nn.use_integer_kernels``): oneDNN int8 conv/linear, exact on AVX2 CPUs.
+  ``qd-w8a16``, ``qd-w4a8``, ``qd-w4a16``: the presets' formats; they keep the reference (fake-quant) path,
+  because weight-only and per-group layers have no int8 kernel. The 4-bit rows use min-max weight ranges
+  (the presets' MSE search took 4 s per million weights on one loaded core here, i.e. tens of minutes per
+  SD1.5 UNet; same format, path, speed and memory);
+  ``qd-w4a8-mse`` / ``qd-w4a16-mse`` are the presets exactly. ``qd-w4a8-ch``: int4 per-channel weights,
+  which the kernel takes after widening them to int8. Each row's ``path`` / ``path_detail`` come from the
+  ExecutionSummary and say which layers run which path and why (widened layers included).
+* peers, each optional (a missing package or a failure gives a row with its status and a one-line reason,
+  and the run goes on): ``ao-dynamic`` (+ ``-compile``: ``torch.ao`` dynamic int8 Linear),
+  ``pt2e-compile`` (PT2E static int8, ``X86InductorQuantizer`` default config, calibrated on the same
+  inputs as quantdiff, then ``torch.compile``), ``quanto-w8a8`` (+ ``-compile``) / ``quanto-w8``
+  (optimum-quanto), ``torchao-w8`` (+ ``-compile``) / ``torchao-w8a8`` (+ ``-compile``), ``ort-qdq``
+  (ONNX Runtime static int8 QDQ, u8 activations, s8 per-channel weights).
+
+Inputs. Batch 1 by default (one latent; classifier-free guidance would double it: ``batch=2``). Calibration
+(quantdiff and PT2E, the very same inputs): ``calibration_inputs`` Gaussian latents at evenly spread
+timesteps with Gaussian text embeddings of the real shapes (SD1.5: 77 x 768; SDXL: 77 x 2048 + pooled
+1280 + size ids; SD3: 333 x 4096 (77 CLIP + 256 T5 tokens) + pooled 2048). Timing and SQNR use one further
+input at timestep 500, not in the calibration set. Weights: N(0, 1/fan_in) (bell-shaped like trained
+weights), norms 1/0, biases N(0, 0.02), from ``seed``.
+
+Timing (one process). Methods are built one after another and kept alive in a *group*; when the next one
+would not fit in the memory budget (or ``group_size`` is reached) the group is timed and freed. A group's
+timing runs ``warmup`` + ``repeats`` rounds; each round calls every live method once, fp32 eager included,
+in a fresh random order, so slow drifts of the machine hit every method alike. ``median_s`` is the median
+of the timed rounds; ``speedup_vs_fp32`` is fp32 eager's median in the same group over the method's
+median; ``speedup_vs_best_fp32`` divides that by fp32-compile's own speedup when compiling helped (the
+faster fp32 baseline). Compiled methods use inductor with ``freezing`` (weights become constants: what
+makes fp32 and PT2E fast on CPU) and a cold FX-graph cache, so ``first_call_s`` is a user's first compile.
+
+Memory (one process, Linux). Every reading follows ``gc.collect()`` + ``malloc_trim``; peaks come from
+VmHWM, reset through ``/proc/self/clear_refs`` (or a 2 ms RSS sampler where that is refused):
+
+* ``weight_bytes``: weight tensors the method holds, counted tensor by tensor: parameters, buffers,
+  tensor attributes, the inner tensors of tensor subclasses (torchao, quanto), torch.ao packed weights,
+  and quantdiff's prepacked kernel copies (integer mode releases ``weight_q`` to the packed copy, so a W8
+  layer holds 1 byte per weight); fp32 layers a method leaves unquantized count too. ``ort-qdq``: the quantized ONNX
+  model's bytes. What ``torch.compile`` adds (frozen / prepacked weight copies plus generated code) cannot
+  be split by tensor; it is measured as RSS and reported as ``compile_added_bytes``.
+* ``held_bytes``: RSS the method added when it was built (after its first calls, settled), including
+  ``compile_added_bytes``; for ``fp32`` the model itself.
+* ``peak_rss_bytes``: the peak RSS of a process that holds only this method while it runs one step:
+  the process's RSS before its first case (libraries loaded, no model: the cases' ``base_rss_bytes``) +
+  ``held_bytes`` + the step's own transient peak (activations, workspaces), each measured here. (Later
+  cases start higher, by what earlier compiles leave behind; deltas keep that out of their rows.)
+* ``setup_peak_rss_bytes``: peak RSS while building it: base + the fp32 model it is built from (kept) + the
+  build's measured peak. ``ort-qdq``: the measured peak of the child process that exports and quantizes.
+
+One-time cost: ``setup_s`` (quantize / calibrate / export / convert / prepack, before the first call) and
+``first_call_s`` (compile included); ``one_time_s`` is their sum.
+
+JSON (:func:`write_json`): ``{"format": "quantdiff-bench", "version": 1, "started", "duration_s",
+"machine": {...}, "settings": {...}, "cases": [...], "rows": [...]}``; each row has the fields of
+:class:`BenchRow`:
+
+* ``model`` (str), ``latent`` (int, side of the square latent), ``latent_shape`` ([B, C, H, W]), ``batch``,
+  ``method``, ``label``, ``kind`` (``fp32`` | ``quantdiff`` | ``peer``), ``compiled`` (bool);
+* ``status`` (``ok`` | ``failed`` | ``not installed`` | ``skipped``), ``reason`` (one line, "" when ok);
+* ``median_s``, ``min_s``, ``times_s`` (list), ``group`` (int), ``fp32_median_s`` (fp32 eager's median in
+  that group), ``speedup_vs_fp32``, ``speedup_vs_best_fp32``, ``best_fp32`` (``fp32`` | ``fp32-compile``);
+* ``weight_bytes``, ``weight_ratio_vs_fp32``, ``stored_bytes`` / ``kernel_bytes`` (quantdiff: ``weight_q``
+  bytes still held, 0 for layers on the integer path, and prepacked bytes), ``compile_added_bytes``, ``held_bytes``, ``peak_rss_bytes``, ``setup_peak_rss_bytes``,
+  ``step_peak_extra_bytes``;
+* ``sqnr_db`` (dB vs fp32 eager on the evaluation input; ``null`` with ``identical_to_fp32: true`` when
+  bit-identical), ``setup_s``, ``first_call_s``, ``one_time_s``;
+* ``path`` (``fp32`` | ``inductor`` | ``integer`` | ``reference`` | ``mixed`` | a peer's engine),
+  ``path_detail``, ``integer_layers``, ``reference_layers``, ``widened_layers``, ``quantized_layers``,
+  ``notes`` (list of strings).
+
+Numbers are ``null`` where they do not apply (e.g. a failed row). The API changes process-wide torch state
+while it runs: the thread count (restored), dynamo's caches (reset between groups).
+"""
+
+from quantdiff.bench.denoisers import DENOISERS, DenoiserSpec, build_denoiser, denoiser_inputs
+from quantdiff.bench.denoisers import EVAL_SEED_OFFSET as EVAL_SEED_OFFSET
+from quantdiff.bench.denoisers import EVAL_TIMESTEP as EVAL_TIMESTEP
+from quantdiff.bench.denoisers import _param_count as _param_count
+from quantdiff.bench.denoisers import bench_calibration as bench_calibration
+from quantdiff.bench.denoisers import calibration_timesteps as calibration_timesteps
+from quantdiff.bench.memory import weight_bytes as weight_bytes
+from quantdiff.bench.methods import METHODS, MethodSpec
+from quantdiff.bench.report import format_table, render_markdown, write_markdown
+from quantdiff.bench.results import FORMAT_NAME as FORMAT_NAME
+from quantdiff.bench.results import FORMAT_VERSION as FORMAT_VERSION
+from quantdiff.bench.results import BenchResult, BenchRow, MachineInfo, machine_info, write_json
+from quantdiff.bench.runner import run_benchmark
+from quantdiff.bench.settings import FULL_LATENTS as FULL_LATENTS
+from quantdiff.bench.settings import FULL_METHODS as FULL_METHODS
+from quantdiff.bench.settings import FULL_MODELS as FULL_MODELS
+from quantdiff.bench.settings import QUICK_LATENTS as QUICK_LATENTS
+from quantdiff.bench.settings import QUICK_METHODS as QUICK_METHODS
+from quantdiff.bench.settings import QUICK_MODELS as QUICK_MODELS
+from quantdiff.bench.settings import TINY_LATENT as TINY_LATENT
+from quantdiff.bench.settings import BenchSettings, make_settings
+from quantdiff.bench.settings import resolve_methods as resolve_methods
+
+# The public API. The names imported above with `as` are importable from here too, as they were from the
+# single module this package replaced.
+__all__ = [
+    "DENOISERS",
+    "METHODS",
+    "BenchResult",
+    "BenchRow",
+    "BenchSettings",
+    "DenoiserSpec",
+    "MachineInfo",
+    "MethodSpec",
+    "build_denoiser",
+    "denoiser_inputs",
+    "format_table",
+    "machine_info",
+    "make_settings",
+    "render_markdown",
+    "run_benchmark",
+    "write_json",
+    "write_markdown",
+]

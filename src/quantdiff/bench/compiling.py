@@ -1,0 +1,62 @@
+"""``torch.compile`` settings of ``quantdiff bench``: inductor config changes a peer makes, dynamo's
+per-model static compiles, and the count of compiled graphs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+
+def _inductor_config():
+    import torch._inductor.config as inductor_config
+
+    return inductor_config
+
+
+@contextlib.contextmanager
+def _record_inductor_changes(changes: dict[str, Any]) -> Iterator[None]:
+    """Undo changes a peer makes to inductor's global config while it quantizes, remembering them in
+    ``changes`` so that only its own compile uses them (torchao sets its recommended flags)."""
+    config = _inductor_config()
+    before = config.get_config_copy()
+    precision = torch.get_float32_matmul_precision()  # torchao sets "high": every method keeps the default
+    try:
+        yield
+    finally:
+        after = config.get_config_copy()
+        for key, value in after.items():
+            if key in before and before[key] != value:
+                changes[key] = value
+                setattr(config, key, before[key])
+        torch.set_float32_matmul_precision(precision)
+
+
+def _dynamo_settings():
+    """Compile each model as it would compile alone in a fresh process.
+
+    The models of a group share their forward code (one ``UNet2DConditionModel.forward``), so dynamo sees
+    each new model as a recompilation of the same frames: it needs cache room for all of them, and its
+    automatic-dynamic-shapes rule (and its profile of earlier runs on disk) would otherwise compile the second
+    and later models, or a second latent size, with symbolic shapes (measured: 3-4x longer compiles; it also
+    broke torchao's tensor-subclass weights). With ``dynamic=False`` at the call, every compile is static.
+    """
+    import torch._dynamo.config as dynamo_config
+
+    changes: dict[str, Any] = {"automatic_dynamic_shapes": False}
+    if hasattr(dynamo_config, "automatic_dynamic_local_pgo"):  # profiles of earlier runs, kept on disk
+        changes["automatic_dynamic_local_pgo"] = False
+    names = [n for n in ("recompile_limit", "cache_size_limit") if hasattr(dynamo_config, n)]
+    if names:
+        changes[names[0]] = 64
+    return dynamo_config.patch(changes)
+
+
+def _compiled_graphs() -> int:
+    """How many graphs dynamo has compiled in this process so far (to spot compiles inside timed rounds)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])

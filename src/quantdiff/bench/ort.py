@@ -1,0 +1,182 @@
+"""The ONNX Runtime peer (``ort-qdq``): the child process that exports and quantizes the denoiser, and the
+builder that runs the quantized model in the benchmark process.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from quantdiff.bench.builds import _Built, _Context, _one_line
+from quantdiff.bench.denoisers import (
+    DENOISERS,
+    EVAL_SEED_OFFSET,
+    EVAL_TIMESTEP,
+    build_denoiser,
+    calibration_timesteps,
+    denoiser_inputs,
+)
+from quantdiff.bench.memory import _hwm, _rss
+from quantdiff.calibration.dataset import denoiser_output
+
+
+def _flatten_tensors(inputs: Mapping[str, Any], prefix: str = "") -> tuple[list[str], list[Tensor], dict]:
+    """Tensor leaves of a call's kwargs as dotted names (``added_cond_kwargs.time_ids``), and the constants."""
+    names, tensors, constants = [], [], {}
+    for key, value in inputs.items():
+        if isinstance(value, Tensor):
+            names.append(prefix + key)
+            tensors.append(value)
+        elif isinstance(value, Mapping):
+            sub_names, sub_tensors, _ = _flatten_tensors(value, f"{prefix}{key}.")
+            names += sub_names
+            tensors += sub_tensors
+        else:
+            constants[key] = value
+    return names, tensors, constants
+
+
+class _PositionalDenoiser(nn.Module):
+    """The denoiser called with positional tensors (what ONNX export takes), returning the prediction."""
+
+    def __init__(self, denoiser: nn.Module, names: Sequence[str], constants: Mapping[str, Any]):
+        super().__init__()
+        self.denoiser = denoiser
+        self.names = list(names)
+        self.constants = dict(constants)
+
+    def forward(self, *tensors: Tensor) -> Tensor:
+        kwargs: dict[str, Any] = dict(self.constants)
+        for name, tensor in zip(self.names, tensors, strict=True):
+            *parents, leaf = name.split(".")
+            node = kwargs
+            for parent in parents:
+                node = node.setdefault(parent, {})
+            node[leaf] = tensor
+        return denoiser_output(self.denoiser(**kwargs))
+
+
+def _build_ort(ctx: _Context) -> _Built:
+    import onnxruntime as ort
+
+    if ctx.ort_model is None:
+        raise RuntimeError("the ONNX model was not prepared")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = ctx.threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(ctx.ort_model), options, providers=["CPUExecutionProvider"])
+    names, tensors, _ = _flatten_tensors(ctx.inputs)
+    feeds_all = {name: tensor.numpy() for name, tensor in zip(names, tensors, strict=True)}
+    missing = [i.name for i in session.get_inputs() if i.name not in feeds_all]
+    if missing:
+        raise RuntimeError(f"the ONNX model expects inputs {missing} that the denoiser call does not have")
+    feeds = {i.name: feeds_all[i.name] for i in session.get_inputs()}
+    output = session.get_outputs()[0].name
+
+    def call() -> Tensor:
+        return torch.from_numpy(session.run([output], feeds)[0])
+
+    on_disk = sum(f.stat().st_size for f in ctx.ort_model.parent.iterdir() if f.name.startswith(ctx.ort_model.name))
+    built = _Built(call=call, module=None, path="ONNX Runtime", weight_bytes=on_disk)
+    built.path_detail = "CPU execution provider, QDQ int8 (u8 activations, s8 per-channel weights, MinMax calibration)"
+    built.notes.append("weight bytes = the quantized ONNX model on disk; ORT's own prepacked copies show in held")
+    return built
+
+
+def _ort_child(job_path: str) -> int:
+    """Child process: build the same fp32 denoiser, export it to ONNX, quantize it with ORT; write a JSON result.
+
+    A separate process because export + ``quantize_static`` peak at several times the model's size, which
+    must not stay in (or crash) the benchmark process; its measured peak is the row's setup peak.
+    """
+    job = json.loads(Path(job_path).read_text())
+    result: dict[str, Any] = {"status": "failed", "reason": ""}
+    try:
+        torch.set_num_threads(int(job["threads"]))
+        spec = DENOISERS[job["model"]]
+        model = build_denoiser(spec, int(job["seed"]))
+        if _fingerprint(model) != job["fingerprint"]:
+            raise RuntimeError("the child built different weights than the benchmark process")
+        inputs = denoiser_inputs(spec, job["latent"], job["batch"], EVAL_TIMESTEP, job["seed"] + EVAL_SEED_OFFSET)
+        names, tensors, constants = _flatten_tensors(inputs)
+        wrapper = _PositionalDenoiser(model, names, constants).eval()
+        folder = Path(job["folder"])
+        calibration = [
+            _flatten_tensors(denoiser_inputs(spec, job["latent"], job["batch"], t, job["seed"] + 1 + i))[1]
+            for i, t in enumerate(calibration_timesteps(int(job["calibration"])))
+        ]
+        # The TorchScript exporter first: quantize_static rejects the dynamo exporter's UNet graph ("quantization
+        # parameter shared mode is not supported for weight"); the dynamo one is the fallback.
+        errors = []
+        for exporter in ("torchscript", "dynamo"):
+            fp32_path, q_path = folder / f"fp32-{exporter}.onnx", folder / f"int8-{exporter}.onnx"
+            try:
+                start = time.perf_counter()
+                _export_onnx(wrapper, tuple(tensors), names, fp32_path, dynamo=exporter == "dynamo")
+                export_s = time.perf_counter() - start
+                start = time.perf_counter()
+                _quantize_onnx(fp32_path, q_path, names, calibration)
+                result.update(exporter=exporter, export_s=export_s, quantize_s=time.perf_counter() - start)
+                break
+            except Exception as error:  # try the other exporter, then give both reasons
+                errors.append(f"{exporter} export: {_one_line(error)}")
+            finally:
+                for file in folder.iterdir():
+                    if file.name.startswith(f"fp32-{exporter}.onnx"):
+                        file.unlink()
+        else:
+            raise RuntimeError("; ".join(errors))
+        result.update(status="ok", model_path=str(q_path))
+    except Exception as error:  # reported as the row's reason
+        result["reason"] = _one_line(error)
+    result["peak_rss_bytes"] = _hwm() or _rss()
+    Path(job["result"]).write_text(json.dumps(result))
+    return 0
+
+
+def _export_onnx(wrapper: nn.Module, tensors: tuple[Tensor, ...], names: list[str], path: Path, dynamo: bool) -> None:
+    """torch.onnx.export to ``path`` (weights in external data once the model passes 2 GB)."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapper, tensors, str(path), input_names=names, output_names=["out"], dynamo=dynamo, external_data=True
+        )
+
+
+def _quantize_onnx(fp32_path: Path, q_path: Path, names: list[str], calibration: list[list[Tensor]]) -> None:
+    import logging
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    logging.getLogger().setLevel(logging.ERROR)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter([{n: t.numpy() for n, t in zip(names, ts, strict=True)} for ts in calibration])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    quantize_static(
+        str(fp32_path),
+        str(q_path),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        use_external_data_format=True,
+    )
+
+
+def _fingerprint(model: nn.Module) -> float:
+    """Sum of all weights in float64: the same seed must give the same number in every process."""
+    with torch.no_grad():
+        return float(sum(p.sum(dtype=torch.float64) for p in model.parameters()))
