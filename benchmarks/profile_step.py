@@ -22,7 +22,14 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from quantdiff.bench import DENOISERS, EVAL_SEED_OFFSET, EVAL_TIMESTEP, bench_calibration, build_denoiser, denoiser_inputs
+from quantdiff.bench import (
+    DENOISERS,
+    EVAL_SEED_OFFSET,
+    EVAL_TIMESTEP,
+    bench_calibration,
+    build_denoiser,
+    denoiser_inputs,
+)
 from quantdiff.nn import use_integer_kernels
 from quantdiff.quantize import quantize_denoiser
 
@@ -33,11 +40,36 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("fp32 conv", ("convolution", "conv2d", "mkldnn_convolution", "thnn_conv")),
     ("attention (sdpa / bmm / softmax)", ("scaled_dot_product", "flash_attention", "bmm", "baddbmm", "softmax")),
     ("fp32 linear (addmm / mm)", ("addmm", "aten::mm", "aten::linear", "matmul")),
-    ("quantize input + copies (div, round_, add_, clamp_, to, copy_)", ("aten::div", "aten::round", "aten::clamp", "aten::add_", "aten::_to_copy", "aten::to", "aten::copy_")),
+    (
+        "quantize input + copies (div, round_, add_, clamp_, to, copy_)",
+        ("aten::div", "aten::round", "aten::clamp", "aten::add_", "aten::_to_copy", "aten::to", "aten::copy_"),
+    ),
     ("normalisation (group / layer norm)", ("group_norm", "layer_norm", "native_group_norm", "native_layer_norm")),
     ("activations (silu, gelu)", ("silu", "gelu")),
-    ("elementwise (add, mul, cat, ...)", ("aten::add", "aten::mul", "aten::cat", "aten::sub", "aten::neg", "aten::exp", "aten::sin", "aten::cos")),
-    ("layout (contiguous, view, permute, reshape)", ("contiguous", "clone", "permute", "transpose", "view", "reshape", "empty", "as_strided", "unsqueeze", "squeeze", "expand", "chunk", "split", "slice", "select")),
+    (
+        "elementwise (add, mul, cat, ...)",
+        ("aten::add", "aten::mul", "aten::cat", "aten::sub", "aten::neg", "aten::exp", "aten::sin", "aten::cos"),
+    ),
+    (
+        "layout (contiguous, view, permute, reshape)",
+        (
+            "contiguous",
+            "clone",
+            "permute",
+            "transpose",
+            "view",
+            "reshape",
+            "empty",
+            "as_strided",
+            "unsqueeze",
+            "squeeze",
+            "expand",
+            "chunk",
+            "split",
+            "slice",
+            "select",
+        ),
+    ),
 )
 
 
@@ -48,7 +80,9 @@ def categorize(op_name: str) -> str:
     return "other"
 
 
-def profile_step(model: torch.nn.Module, inputs: dict, repeats: int) -> tuple[dict[str, float], dict[str, float], float]:
+def profile_step(
+    model: torch.nn.Module, inputs: dict, repeats: int
+) -> tuple[dict[str, float], dict[str, float], float]:
     """Self CPU seconds per category and per op for one step (averaged over ``repeats``), and the step time."""
     with torch.no_grad():
         model(**inputs)  # warm-up: prepacks, allocator

@@ -231,7 +231,9 @@ def test_inspect_execution_shows_kernel_paths_and_widened_int4(tiny_folders, tmp
     from quantdiff.nn.kernels import kernel_support
     from quantdiff.recipe import PRESETS, Recipe, TensorSpec
 
-    recipe = Recipe("w4a8-channel", TensorSpec(bits=4, symmetric=True, granularity="channel"), PRESETS["w8a8"].activations)
+    recipe = Recipe(
+        "w4a8-channel", TensorSpec(bits=4, symmetric=True, granularity="channel"), PRESETS["w8a8"].activations
+    )
     recipe_path = tmp_path / "w4a8-channel.json"
     recipe_path.write_text(json.dumps(recipe.to_dict()))
     model, out = tiny_folders["sd15"], tmp_path / "q"

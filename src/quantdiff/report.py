@@ -47,11 +47,11 @@ from typing import Any
 
 from safetensors import safe_open
 
+from quantdiff.nn.quantized import use_integer_kernels
 from quantdiff.pipelines.loading import read_pipeline_folder
 from quantdiff.plan import QuantPlan, resolve_plan
 from quantdiff.quantize import build_skeleton
 from quantdiff.recipe import PRESETS, Recipe, load_recipe
-from quantdiff.nn.quantized import use_integer_kernels
 from quantdiff.serialization import all_tensors, load_quantized_denoiser, read_quantized_folder
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}

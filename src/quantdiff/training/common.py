@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 
 import numpy as np
@@ -116,6 +117,24 @@ def train_vae(
     vae.eval()
     latents = encode_pool(vae, pool[:4096], scale=False)
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+
+
+def prepare_vae(
+    vae: AutoencoderKL,
+    pool: torch.Tensor,
+    *,
+    vae_from: str | os.PathLike | None,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    log: Callable[[str], None],
+) -> AutoencoderKL:
+    """The autoencoder of a digits pipeline folder (``vae_from``), or ``vae`` (untrained) trained on ``pool``."""
+    if vae_from is not None:
+        return AutoencoderKL.from_pretrained(vae_from, subfolder="vae", local_files_only=True, dtype=torch.float32)
+    train_vae(vae, pool, steps=steps, lr=lr, batch_size=batch_size, seed=seed, log=log)
+    return vae
 
 
 @torch.no_grad()

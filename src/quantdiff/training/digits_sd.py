@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -46,7 +46,7 @@ from quantdiff.training.common import (
     cosine_lr,
     encode_pool,
     images_to_tensor,
-    train_vae,
+    prepare_vae,
     update_ema,
 )
 
@@ -230,20 +230,16 @@ def _train(
     data = make_dataset(config.pool_size, split="train", seed=config.seed, combos="train")
     pool = images_to_tensor(data.images)
     components = build_components(config.seed)
-    if vae_from is not None:
-        components["vae"] = AutoencoderKL.from_pretrained(
-            vae_from, subfolder="vae", local_files_only=True, dtype=torch.float32
-        )
-    else:
-        train_vae(
-            components["vae"],
-            pool,
-            steps=config.vae_steps,
-            lr=config.vae_lr,
-            batch_size=config.batch_size,
-            seed=config.seed + 1,
-            log=log,
-        )
+    components["vae"] = prepare_vae(
+        components["vae"],
+        pool,
+        vae_from=vae_from,
+        steps=config.vae_steps,
+        lr=config.vae_lr,
+        batch_size=config.batch_size,
+        seed=config.seed + 1,
+        log=log,
+    )
     unet = train_denoiser(components, pool, data.captions, caption_labels(data.specs), config, log, probe)
     _pipeline(components, unet).to(torch.float16).save_pretrained(out, safe_serialization=True)
     return Path(out)

@@ -40,7 +40,7 @@ from quantdiff.training.common import (
     cosine_lr,
     encode_pool,
     images_to_tensor,
-    train_vae,
+    prepare_vae,
     update_ema,
 )
 
@@ -223,19 +223,17 @@ def train_digits_sd3(
     with torch.enable_grad():  # training must not depend on the caller's grad mode
         data = make_dataset(config.pool_size, split="train", seed=config.seed, combos="train")
         pool = images_to_tensor(data.images)
-        if vae_from is not None:
-            vae = AutoencoderKL.from_pretrained(vae_from, subfolder="vae", local_files_only=True, dtype=torch.float32)
-        else:
-            vae = build_vae()
-            train_vae(
-                vae,
-                pool,
-                steps=config.vae_steps,
-                lr=config.vae_lr,
-                batch_size=config.batch_size,
-                seed=config.seed + 1,
-                log=log,
-            )
+        torch.manual_seed(config.seed)  # the autoencoder's init, when it is trained here
+        vae = prepare_vae(
+            build_vae(),
+            pool,
+            vae_from=vae_from,
+            steps=config.vae_steps,
+            lr=config.vae_lr,
+            batch_size=config.batch_size,
+            seed=config.seed + 1,
+            log=log,
+        )
         # SD3 pipelines normalise latents with a shift as well as a scale; ours are centred already.
         vae.register_to_config(shift_factor=0.0)
         latents = encode_pool(vae, pool)  # (N, 4, 8, 8)
