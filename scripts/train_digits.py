@@ -2,6 +2,7 @@
 
 python scripts/train_digits.py --model sd  [--out src/quantdiff/data/models/digits-sd]  [--seed 0] [--denoiser-steps N]
 python scripts/train_digits.py --model sd3 [--out src/quantdiff/data/models/digits-sd3] [--vae-from DIGITS_SD_DIR]
+python scripts/train_digits.py --model sd|sd3 --init-from MODEL_DIR --stage 1 --denoiser-steps N   # continue a run
 
 Every field of DigitsSDConfig / DigitsSD3Config is an option. Each model trains its own autoencoder unless
 ``--vae-from`` names a digits folder to reuse it from. Every ``--probe-every`` steps the current weights
@@ -73,6 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], parents=[choose])
     parser.add_argument("--out", default=str(MODELS / f"digits-{model}"))
     parser.add_argument("--vae-from", help="reuse the autoencoder of this digits pipeline folder")
+    parser.add_argument("--init-from", help=f"continue training this digits-{model} folder (with --stage 1, 2, ...)")
     defaults = config_type()
     for field in dataclasses.fields(config_type):
         parser.add_argument(
@@ -84,12 +86,13 @@ def main() -> None:
     args.pop("model")
     out = args.pop("out")
     vae_from = args.pop("vae_from", None)
+    init_from = args.pop("init_from")
     config = config_type(**args)
     calibration, evaluation = digits_prompt_sets(seed=config.seed)
     probe = alignment_probe(evaluation) if config.probe_every > 0 else None
     started = time.time()
     train = train_digits_sd if model == "sd" else train_digits_sd3
-    train(out, config, vae_from=vae_from, probe=probe)
+    train(out, config, vae_from=vae_from, init_from=init_from, probe=probe)
     write_prompt_sets(out, calibration, evaluation)
     print(f"trained {config} in {time.time() - started:.0f} s -> {out}")
 

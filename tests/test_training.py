@@ -49,3 +49,26 @@ def test_toy_sd3_training_run_reuses_the_autoencoder(toy_digits_sd, tmp_path):
     assert pipe.vae.config.shift_factor == 0.0
     image = pipe("digit 3, red on blue", num_inference_steps=2, output_type="np").images[0]
     assert image.shape == (32, 32, 3) and np.isfinite(image).all()
+
+
+def test_continuing_a_run_starts_from_its_weights_and_probes(toy_digits_sd, tmp_path):
+    first, _ = toy_digits_sd
+    config = DigitsSDConfig(pool_size=256, denoiser_steps=2, batch_size=8, threads=1, probe_every=1)
+    with pytest.raises(ValueError, match="stage >= 1"):
+        train_digits_sd(tmp_path / "bad", config, init_from=first)
+    probed: list[tuple[int, str]] = []
+
+    def probe(step, pipe) -> None:
+        probed.append((step, type(pipe).__name__))
+        start = load_pipeline(first)
+        if step == 1:  # one small step away from the first run's weights: close, not identical
+            delta = (pipe.unet.conv_in.weight - start.unet.conv_in.weight).abs().max()
+            assert 0 < delta < 1e-2
+
+    folder = train_digits_sd(
+        tmp_path / "continued", DigitsSDConfig(**{**config.__dict__, "stage": 1}), init_from=first, probe=probe
+    )
+    assert probed == [(1, "StableDiffusionPipeline"), (2, "StableDiffusionPipeline")]
+    continued, start = load_pipeline(folder), load_pipeline(first)
+    assert torch.equal(continued.vae.encoder.conv_in.weight, start.vae.encoder.conv_in.weight)  # reused as is
+    assert not torch.equal(continued.unet.conv_in.weight, start.unet.conv_in.weight)  # trained further

@@ -66,6 +66,9 @@ class DigitsSDConfig:
     ema_decay: float = 0.999
     caption_loss_weight: float = 0.1
     probe_every: int = 1_000
+    # 0: a run from scratch; n: the n-th continuation of one (``init_from``), which draws fresh batches,
+    # noise and timesteps instead of replaying the first run's.
+    stage: int = 0
     # One thread: these small models barely gain from two, and a 2-thread OpenMP pool slows down ~10x
     # whenever anything else runs on a 2-core machine.
     threads: int = 1
@@ -133,7 +136,7 @@ def train_denoiser(
     """
     tokenizer, text_encoder = components["tokenizer"], components["text_encoder"]
     vae, unet, scheduler = components["vae"], components["unet"], components["scheduler"]
-    generator = torch.Generator().manual_seed(config.seed + 2)
+    generator = torch.Generator().manual_seed(config.seed + 2 + 1000 * config.stage)
     latents = encode_pool(vae, pool)  # (N, 4, 8, 8); the VAE is frozen now, so encode the pool once
     tokens = tokenizer(
         data_captions + [""], padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
@@ -208,28 +211,42 @@ def train_digits_sd(
     config: DigitsSDConfig = DigitsSDConfig(),
     *,
     vae_from: str | os.PathLike | None = None,
+    init_from: str | os.PathLike | None = None,
     log: Callable[[str], None] = print,
     probe: Probe | None = None,
 ) -> Path:
     """Train and save the pipeline to ``out`` (fp16 safetensors; load it in fp32 for CPU inference).
 
     ``vae_from``: reuse the autoencoder of a digits pipeline folder instead of training one.
+    ``init_from``: continue training a digits-sd folder (its autoencoder, text encoder and UNet) with a
+    fresh learning-rate schedule of ``config.denoiser_steps``; set ``config.stage`` to 1, 2, ...
     """
+    if init_from is not None and config.stage < 1:
+        raise ValueError("continuing a run (init_from) needs stage >= 1, so that it draws fresh batches")
     torch.set_num_threads(config.threads)
     with torch.enable_grad():  # training must not depend on the caller's grad mode
-        return _train(out, config, vae_from, log, probe)
+        return _train(out, config, vae_from, init_from, log, probe)
 
 
 def _train(
     out: str | os.PathLike,
     config: DigitsSDConfig,
     vae_from: str | os.PathLike | None,
+    init_from: str | os.PathLike | None,
     log: Callable[[str], None],
     probe: Probe | None,
 ) -> Path:
     data = make_dataset(config.pool_size, split="train", seed=config.seed, combos="train")
     pool = images_to_tensor(data.images)
     components = build_components(config.seed)
+    if init_from is not None:
+        components["text_encoder"] = CLIPTextModel.from_pretrained(
+            init_from, subfolder="text_encoder", local_files_only=True, dtype=torch.float32
+        )
+        components["unet"] = UNet2DConditionModel.from_pretrained(
+            init_from, subfolder="unet", local_files_only=True, dtype=torch.float32
+        )
+        vae_from = init_from
     components["vae"] = prepare_vae(
         components["vae"],
         pool,

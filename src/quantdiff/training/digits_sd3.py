@@ -67,6 +67,7 @@ class DigitsSD3Config:
     ema_decay: float = 0.999
     caption_loss_weight: float = 0.1
     probe_every: int = 1_000
+    stage: int = 0  # see DigitsSDConfig.stage
     num_layers: int = 4
     attention_heads: int = 2
     head_dim: int = 32
@@ -148,7 +149,7 @@ def train_transformer(
     ``config.probe_every`` steps with a pipeline holding the current EMA transformer.
     """
     transformer = pipe.transformer
-    generator = torch.Generator().manual_seed(config.seed + 2)
+    generator = torch.Generator().manual_seed(config.seed + 2 + 1000 * config.stage)
     ema = copy.deepcopy(transformer).requires_grad_(False)
     label_head = CaptionLabelHead(2 * CLIP_WIDTH)
     text_parameters = [*pipe.text_encoder.parameters(), *pipe.text_encoder_2.parameters(), *label_head.parameters()]
@@ -215,10 +216,20 @@ def train_digits_sd3(
     config: DigitsSD3Config = DigitsSD3Config(),
     *,
     vae_from: str | os.PathLike | None = None,
+    init_from: str | os.PathLike | None = None,
     log: Callable[[str], None] = print,
     probe: Probe | None = None,
 ) -> Path:
-    """Train and save the pipeline to ``out`` (fp16 safetensors); ``vae_from``: reuse a digits-sd autoencoder."""
+    """Train and save the pipeline to ``out`` (fp16 safetensors).
+
+    ``vae_from``: reuse the autoencoder of a digits pipeline folder instead of training one.
+    ``init_from``: continue training a digits-sd3 folder (autoencoder, text encoders, transformer) with a
+    fresh learning-rate schedule of ``config.denoiser_steps``; set ``config.stage`` to 1, 2, ...
+    """
+    if init_from is not None and config.stage < 1:
+        raise ValueError("continuing a run (init_from) needs stage >= 1, so that it draws fresh batches")
+    if init_from is not None:
+        vae_from = init_from
     torch.set_num_threads(config.threads)
     with torch.enable_grad():  # training must not depend on the caller's grad mode
         data = make_dataset(config.pool_size, split="train", seed=config.seed, combos="train")
@@ -237,7 +248,16 @@ def train_digits_sd3(
         # SD3 pipelines normalise latents with a shift as well as a scale; ours are centred already.
         vae.register_to_config(shift_factor=0.0)
         latents = encode_pool(vae, pool)  # (N, 4, 8, 8)
-        pipe = _pipeline(build_components(vae, config))
+        components = build_components(vae, config)
+        if init_from is not None:
+            for name in ("text_encoder", "text_encoder_2"):
+                components[name] = CLIPTextModelWithProjection.from_pretrained(
+                    init_from, subfolder=name, local_files_only=True, dtype=torch.float32
+                )
+            components["transformer"] = SD3Transformer2DModel.from_pretrained(
+                init_from, subfolder="transformer", local_files_only=True, dtype=torch.float32
+            )
+        pipe = _pipeline(components)
         labels = caption_labels(data.specs)
         pipe.transformer = train_transformer(pipe, latents, data.captions, labels, config, log, probe)
     pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
