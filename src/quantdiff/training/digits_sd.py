@@ -59,7 +59,7 @@ class DigitsSDConfig:
     pool_size: int = 40_000
     vae_steps: int = 1_500
     vae_lr: float = 1e-3
-    denoiser_steps: int = 6_000
+    denoiser_steps: int = 9_000
     denoiser_lr: float = 4e-4
     batch_size: int = 64
     caption_dropout: float = 0.1
@@ -97,8 +97,8 @@ def build_components(seed: int = 0) -> dict:
         in_channels=4,
         out_channels=4,
         layers_per_block=1,
-        # 1.1M parameters: on 2 CPU cores a step costs ~0.24 s at batch 64 (4.2M parameters: 0.48 s), and the
-        # small one already follows digit and colours; the budget is an hour of training in total.
+        # 1.1M parameters: a step at batch 64 costs ~0.26 s on 2 threads and ~0.4 s on one (4.2M parameters:
+        # twice that); the training budget is about an hour per model.
         block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),

@@ -60,7 +60,7 @@ class DigitsSD3Config:
     pool_size: int = 40_000
     vae_steps: int = 1_500
     vae_lr: float = 1e-3
-    denoiser_steps: int = 5_000
+    denoiser_steps: int = 10_000
     denoiser_lr: float = 5e-4
     batch_size: int = 64
     caption_dropout: float = 0.1
