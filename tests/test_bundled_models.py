@@ -1,8 +1,8 @@
-"""The shipped trained models load with plain diffusers, generate, and follow their prompts' colours.
+"""The shipped trained models load with plain diffusers, generate, and follow their prompts.
 
-The shipped weights are a first, short training run (see the README): they follow the colour words
-(evaluator foreground / background accuracy 78-100% measured on 100-200 images) but not yet the digit,
-so the issue's alignment targets (>= 90% / 85%, all three heads) are not asserted here yet.
+Measured by the main job on 300 images (README): alignment (digit, foreground and background all right)
+91.7% for digits-sd and 89.7% for digits-sd3. Here 16 images, so the bounds leave room for sampling
+noise and for float differences between machines (one image is 6 points).
 """
 
 from __future__ import annotations
@@ -39,5 +39,6 @@ def test_shipped_model_follows_its_prompts(name):
     images = generated.images  # (16, 32, 32, 3) uint8
     assert images.shape == (16, 32, 32, 3) and torch.isfinite(generated.latents).all()
     scores = adherence(predict(load_evaluator(), images), [p.spec for p in prompts])
-    # The full measurement (hundreds of images) is `quantdiff eval`. Chance is 1/8 per colour head.
-    assert scores["foreground"] >= 0.5 and scores["background"] >= 0.5, scores
+    # The full measurement (hundreds of images) is `quantdiff eval`. Chance: 1/8 per colour, 1/640 for all three.
+    assert scores["foreground"] >= 0.875 and scores["background"] >= 0.875, scores
+    assert scores["all"] >= 0.75, scores
