@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -124,17 +126,49 @@ def prepare_vae(
     pool: torch.Tensor,
     *,
     vae_from: str | os.PathLike | None,
-    steps: int,
-    lr: float,
-    batch_size: int,
-    seed: int,
+    config: Any,
     log: Callable[[str], None],
 ) -> AutoencoderKL:
-    """The autoencoder of a digits pipeline folder (``vae_from``), or ``vae`` (untrained) trained on ``pool``."""
+    """The autoencoder of a digits pipeline folder (``vae_from``), or ``vae`` (untrained) trained on ``pool``.
+
+    ``config``: a digits trainer config (``vae_steps``, ``vae_lr``, ``batch_size``, ``seed``).
+    """
     if vae_from is not None:
         return AutoencoderKL.from_pretrained(vae_from, subfolder="vae", local_files_only=True, dtype=torch.float32)
-    train_vae(vae, pool, steps=steps, lr=lr, batch_size=batch_size, seed=seed, log=log)
+    train_vae(
+        vae, pool, steps=config.vae_steps, lr=config.vae_lr, batch_size=config.batch_size, seed=config.seed + 1, log=log
+    )
     return vae
+
+
+def optimizer_step(
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    parameters: list[torch.nn.Parameter],
+) -> None:
+    """Backward, gradient norm clipped to 1, one optimizer and one schedule step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    optimizer.step()
+    schedule.step()
+
+
+def log_denoiser_step(
+    step: int, total: int, denoise_loss: torch.Tensor, caption_loss: torch.Tensor, started: float, log
+) -> None:
+    """One log line every 1000 steps and at the last one."""
+    if step % 1000 == 0 or step == total - 1:
+        log(
+            f"denoiser step {step}: loss {denoise_loss.item():.4f}, caption loss {caption_loss.item():.3f}"
+            f" ({time.time() - started:.0f} s)"
+        )
+
+
+def probe_due(step: int, total: int, every: int) -> bool:
+    """Whether the probe runs after ``step`` (0-based): every ``every`` steps and after the last one."""
+    return every > 0 and ((step + 1) % every == 0 or step == total - 1)
 
 
 @torch.no_grad()

@@ -46,7 +46,10 @@ from quantdiff.training.common import (
     cosine_lr,
     encode_pool,
     images_to_tensor,
+    log_denoiser_step,
+    optimizer_step,
     prepare_vae,
+    probe_due,
     update_ema,
 )
 
@@ -171,19 +174,10 @@ def train_denoiser(
         kept = ~dropped
         caption_loss = label_head.loss(encoded.pooler_output[kept], labels[index[kept]])  # pooled: (B, 64)
         loss = denoise_loss + config.caption_loss_weight * caption_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        schedule.step()
+        optimizer_step(loss, optimizer, schedule, parameters)
         update_ema(ema, unet, step, config.ema_decay)
-        last = step == config.denoiser_steps - 1
-        if step % 1000 == 0 or last:
-            log(
-                f"denoiser step {step}: loss {denoise_loss.item():.4f}, caption loss {caption_loss.item():.3f}"
-                f" ({time.time() - started:.0f} s)"
-            )
-        if probe is not None and config.probe_every > 0 and ((step + 1) % config.probe_every == 0 or last):
+        log_denoiser_step(step, config.denoiser_steps, denoise_loss, caption_loss, started, log)
+        if probe is not None and probe_due(step, config.denoiser_steps, config.probe_every):
             text_encoder.eval()
             probe(step + 1, _pipeline(components, ema))
             text_encoder.train()
@@ -251,10 +245,7 @@ def _train(
         components["vae"],
         pool,
         vae_from=vae_from,
-        steps=config.vae_steps,
-        lr=config.vae_lr,
-        batch_size=config.batch_size,
-        seed=config.seed + 1,
+        config=config,
         log=log,
     )
     unet = train_denoiser(components, pool, data.captions, caption_labels(data.specs), config, log, probe)

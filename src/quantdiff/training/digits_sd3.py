@@ -40,7 +40,10 @@ from quantdiff.training.common import (
     cosine_lr,
     encode_pool,
     images_to_tensor,
+    log_denoiser_step,
+    optimizer_step,
     prepare_vae,
+    probe_due,
     update_ema,
 )
 
@@ -188,19 +191,10 @@ def train_transformer(
         kept = ~dropped
         caption_loss = label_head.loss(pooled[kept], labels[index[kept]])
         loss = denoise_loss + config.caption_loss_weight * caption_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        schedule.step()
+        optimizer_step(loss, optimizer, schedule, parameters)
         update_ema(ema, transformer, step, config.ema_decay)
-        last = step == config.denoiser_steps - 1
-        if step % 1000 == 0 or last:
-            log(
-                f"denoiser step {step}: loss {denoise_loss.item():.4f}, caption loss {caption_loss.item():.3f}"
-                f" ({time.time() - started:.0f} s)"
-            )
-        if probe is not None and config.probe_every > 0 and ((step + 1) % config.probe_every == 0 or last):
+        log_denoiser_step(step, config.denoiser_steps, denoise_loss, caption_loss, started, log)
+        if probe is not None and probe_due(step, config.denoiser_steps, config.probe_every):
             for module in (pipe.text_encoder, pipe.text_encoder_2):
                 module.eval()
             probe(step + 1, _pipeline({**pipe.components, "transformer": ema}))
@@ -239,10 +233,7 @@ def train_digits_sd3(
             build_vae(),
             pool,
             vae_from=vae_from,
-            steps=config.vae_steps,
-            lr=config.vae_lr,
-            batch_size=config.batch_size,
-            seed=config.seed + 1,
+            config=config,
             log=log,
         )
         # SD3 pipelines normalise latents with a shift as well as a scale; ours are centred already.
