@@ -52,9 +52,7 @@ def alignment_probe(evaluation: EvaluationSet):
             )
         predictions = predict(evaluator, generated.images)
         scores = adherence(predictions, specs)
-        held = adherence(
-            predict(evaluator, generated.images[heldout]), [s for s, h in zip(specs, heldout, strict=True) if h]
-        )
+        held = adherence(predictions.select(heldout), [s for s, h in zip(specs, heldout, strict=True) if h])
         print(
             f"probe step {step}: alignment {scores['all']:.0%} (held-out {held['all']:.0%}), digit"
             f" {scores['digit']:.0%}, foreground {scores['foreground']:.0%}, background {scores['background']:.0%}"

@@ -275,7 +275,7 @@ def evaluate(
             held = np.array([p.heldout for p in chosen])
             if held.any():
                 details["alignment_heldout"] = adherence(
-                    _select(predictions, held), [s for s, h in zip(specs, held, strict=True) if h]
+                    predictions.select(held), [s for s, h in zip(specs, held, strict=True) if h]
                 )["all"]
         if name != "fp":
             details["identical_to_fp"] = bool(np.array_equal(generated.images, fp.images))
@@ -289,16 +289,6 @@ def evaluate(
     held_fraction = float(np.mean([p.heldout for p in chosen])) if judged else None
     report = EvalReport(settings, evaluation.source, len(evaluation.prompts), held_fraction, reference, results)
     return report, {name: generated.images for name, generated in sets.items()}
-
-
-def _select(predictions, mask: np.ndarray):
-    return dataclasses.replace(
-        predictions,
-        digit=predictions.digit[mask],
-        foreground=predictions.foreground[mask],
-        background=predictions.background[mask],
-        features=predictions.features[mask],
-    )
 
 
 def _unique_name(name: str, taken: set[str]) -> str:

@@ -146,6 +146,10 @@ class EvaluatorPredictions:
     background: np.ndarray
     features: np.ndarray
 
+    def select(self, mask: np.ndarray) -> EvaluatorPredictions:
+        """The predictions of the images where ``mask`` (N,) is true (or of the indices it lists)."""
+        return EvaluatorPredictions(self.digit[mask], self.foreground[mask], self.background[mask], self.features[mask])
+
     def specs(self) -> list[DigitSpec | None]:
         """The most likely spec of each image (``None`` where foreground and background come out equal)."""
         out: list[DigitSpec | None] = []

@@ -12,12 +12,11 @@ What one layer does here:
 * once, at :func:`build_kernel` (when a model is switched to integer mode): the int8 weight is
   *prepacked* into oneDNN's blocked layout (``qlinear_prepack`` / ``qconv_prepack``). The packed copy is
   the kernel's own tensor, held on the module as a plain attribute: never in ``state_dict``, never saved.
-  It is a second copy of the weight (measured: prepacking a 12.5 MiB int8 weight adds 12.5 MiB of RSS;
-  conv adds 4 B of compensation per output channel; 38 M weights of SD-sized layers: +36 MiB packed,
-  +49 MiB RSS), so integer mode holds 2 bytes per weight for W8: the stored ``weight_q`` and the packed
-  copy. ``IntegerKernel.dense_weight`` reads ``weight_q`` back from the packed copy bit for bit, so a
-  memory-lean mode could drop ``weight_q`` (1 byte per weight) and rebuild it to save; not done here,
-  because saving, ``state_dict``, the reference fallback and ``.to()`` all read ``weight_q``;
+  It is a full copy of the weight (measured: prepacking a 12.5 MiB int8 weight adds 12.5 MiB of RSS;
+  conv adds 4 B of compensation per output channel). ``IntegerKernel.dense_weight`` reads ``weight_q``
+  back from the packed copy bit for bit, so the layer releases ``weight_q`` once the kernel is built and
+  rebuilds it from here whenever it is needed (:meth:`QuantizedLayer.integer_weight`): integer mode holds
+  1 byte per weight for W8, as the reference mode does;
 * per call: the input is quantized to uint8 with the layer's static per-tensor scale and zero point by
   exactly the formula of :func:`quantdiff.primitives.quantize` (``clamp(round(x / s) + z)``, division and
   round-half-even in float32), so the integers are bit-identical to the reference path's; the kernel
@@ -306,8 +305,8 @@ class IntegerKernel:
     def dense_weight(self) -> Tensor:
         """The int8 weight ``(C_out, K)`` read back from the packed copy (equals the widened ``weight_q``).
 
-        Shows that the packed copy alone holds the weight: a memory-lean serving mode could drop
-        ``weight_q`` and rebuild it from here for saving or for the reference path.
+        The packed copy alone holds the weight: in integer mode the layer releases ``weight_q`` and rebuilds
+        it from here for saving, the reference fallback, ``.to()`` and copies.
         """
         dense = self.packed.to_dense()  # Linear: (K, C_out); Conv2d: (C_out, C_in/g, kh, kw)
         if self.is_conv:

@@ -181,9 +181,9 @@ class QuantizedLayer(nn.Module):
         if tuple(weight.shape) != tuple(self.weight_shape):
             raise ValueError(f"weight shape {tuple(weight.shape)} != layer shape {tuple(self.weight_shape)}")
         weight_q, scale, zero_point = quantize_weight(weight, self.weight_spec)
-        self._drop_kernel()  # restores weight_q if the kernel held the only copy
-        self.weight_q = weight_q.to(self.weight_q.device)
-        self.weight_scale = scale.to(self.weight_scale.device)
+        device = self.weight_scale.device  # weight_q may be released to the kernel: see integer_weight()
+        self.weight_q = weight_q.to(device)
+        self.weight_scale = scale.to(device)
         if zero_point is not None:
             self.weight_zero_point = zero_point.to(self.weight_zero_point.device)
         self._drop_kernel()
