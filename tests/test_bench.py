@@ -180,3 +180,51 @@ def test_cli_bench_writes_report_and_rows(tmp_path, capsys):
     assert data["complete"] and [(r["latent"], r["status"]) for r in data["rows"]] == [(8, "ok"), (16, "ok")]
     assert data["command"].startswith("quantdiff bench --models tiny-sd3")
     assert "PARTIAL" not in report.read_text() and "latent 16x16" in report.read_text()
+
+
+def test_json_reads_back_row_for_row(result):
+    outcome, folder = result
+    again = bench.read_json(folder / "rows.json")
+    assert [row.to_dict() for row in again.rows] == [row.to_dict() for row in outcome.rows]
+    assert again.settings == outcome.settings and again.machine == outcome.machine
+    assert bench.render_markdown(again) == bench.render_markdown(outcome)
+
+
+def test_cli_bench_resume_keeps_finished_cases(tmp_path, capsys):
+    rows = tmp_path / "rows.json"
+    args = ["bench", "--models", "tiny-sd3", "--methods", "fp32", "--repeats", "1", "--no-results", "--json", str(rows)]
+    assert main([*args, "--latent", "8"]) == 0
+    first = json.loads(rows.read_text())
+    assert main([*args, "--latent", "8,16", "--resume"]) == 0
+    both = json.loads(rows.read_text())
+    assert [r["latent"] for r in both["rows"]] == [8, 16] and both["complete"]
+    assert both["rows"][0] == first["rows"][0]  # kept, not measured again
+    assert both["cases"][0]["run_started"] == first["cases"][0]["run_started"] == first["started"]
+    assert both["started"] == first["started"] and both["duration_s"] > first["duration_s"]
+    assert "run_started" in both["cases"][1] and "load_average_start" in both["cases"][1]
+    markdown = bench.render_markdown(bench.read_json(rows))
+    assert "measured in 2 resumed parts" in markdown
+    capsys.readouterr()
+    before = rows.read_text()
+    assert main([*args, "--latent", "8", "--repeats", "2", "--resume"]) == 2  # other settings: refused
+    assert "cannot resume" in capsys.readouterr().err and rows.read_text() == before
+    assert main(["bench", "--models", "tiny-sd3", "--resume"]) == 2
+    assert "give --json FILE" in capsys.readouterr().err
+
+
+def test_slow_cutoff_is_validated():
+    assert bench.make_settings(quick=True).slow_cutoff == 3.0
+    assert bench.make_settings(quick=True, slow_cutoff=None).slow_cutoff is None
+    with pytest.raises(QuantDiffError, match="slow cutoff"):
+        bench.make_settings(quick=True, slow_cutoff=1.0)
+
+
+def test_weight_bytes_counts_every_torch_ao_packed_layer():
+    # _weight_bias() returns fresh tensors: counting them by id() lost layers to id reuse (SD3: 0.06x of fp32).
+    model = bench.build_denoiser(bench.DENOISERS["tiny-sd15"])
+    fp32 = sum(t.numel() * 4 for t in [*model.parameters(), *model.buffers()])
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) > 20
+    int8 = sum(m.weight.numel() * 3 for m in linears)  # 4 bytes -> 1 byte per weight; biases stay fp32
+    dynamic = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    assert bench.weight_bytes(dynamic) == fp32 - int8

@@ -191,6 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--no-freezing", action="store_true", help="compile without inductor freezing")
     bench.add_argument(
+        "--slow-cutoff",
+        type=float,
+        default=3.0,
+        metavar="X",
+        help="a method over X times fp32 eager in its first timed round is timed once (default 3; 0: never)",
+    )
+    bench.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the finished cases of the --json file (same options) and measure only the others",
+    )
+    bench.add_argument(
         "--results",
         metavar="FILE",
         help="markdown report (default benchmarks/RESULTS.md; --quick: benchmarks/RESULTS-quick.md)",
@@ -415,7 +427,7 @@ def _latents(entries: list[str] | None) -> dict[str, list[int]] | None:
 def _cmd_bench(args) -> int:
     import shlex
 
-    from quantdiff.bench import format_table, make_settings, run_benchmark, write_json, write_markdown
+    from quantdiff.bench import format_table, make_settings, read_json, run_benchmark, write_json, write_markdown
 
     settings = make_settings(
         quick=args.quick,
@@ -431,7 +443,16 @@ def _cmd_bench(args) -> int:
         group_size=args.group_size,
         memory_budget_bytes=None if args.memory_budget is None else int(args.memory_budget * 2**30),
         freezing=not args.no_freezing,
+        slow_cutoff=args.slow_cutoff or None,
     )
+    previous = None
+    if args.resume:
+        if not args.json:
+            raise QuantDiffError("--resume continues the run in the --json file: give --json FILE")
+        if Path(args.json).exists():
+            previous = read_json(args.json)
+        else:
+            print(f"{args.json} does not exist yet: measuring every case", file=sys.stderr)
     results = None if args.no_results else (args.results or f"benchmarks/RESULTS{'-quick' if args.quick else ''}.md")
     for path in (results, args.json):  # fail now, not after an hour of measuring
         if path and Path(path).is_dir():
@@ -453,7 +474,7 @@ def _cmd_bench(args) -> int:
         return written
 
     command = "quantdiff " + shlex.join(args.argv)
-    result = run_benchmark(settings, log=None if args.quiet else log, command=command, on_case=write)
+    result = run_benchmark(settings, log=None if args.quiet else log, command=command, on_case=write, previous=previous)
     print(format_table(result))
     for line in write(result):
         print(line)

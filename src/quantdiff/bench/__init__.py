@@ -42,6 +42,14 @@ of the timed rounds; ``speedup_vs_fp32`` is fp32 eager's median in the same grou
 median; ``speedup_vs_best_fp32`` divides that by fp32-compile's own speedup when compiling helped (the
 faster fp32 baseline). Compiled methods use inductor with ``freezing`` (weights become constants: what
 makes fp32 and PT2E fast on CPU) and a cold FX-graph cache, so ``first_call_s`` is a user's first compile.
+A method slower than ``slow_cutoff`` x fp32 eager in its first timed round is timed in that round only (its
+row's notes say so): at real sizes such a peer costs minutes per round and more rounds would not change its
+place.
+
+Parts. The full preset takes hours on a small CPU. ``run_benchmark(previous=...)`` (CLI: ``--resume`` with
+``--json FILE``) keeps the finished cases of an earlier result with the same settings on the same machine and
+software, and measures only the others; each case is still measured within one process, and its entry in
+``cases`` records when (``started``, ``load_average_start``, ``run_started``, ``command``).
 
 Memory (one process, Linux). Every reading follows ``gc.collect()`` + ``malloc_trim``; peaks come from
 VmHWM, reset through ``/proc/self/clear_refs`` (or a 2 ms RSS sampler where that is refused):
@@ -97,7 +105,7 @@ from quantdiff.bench.methods import METHODS, MethodSpec
 from quantdiff.bench.report import format_table, render_markdown, write_markdown
 from quantdiff.bench.results import FORMAT_NAME as FORMAT_NAME
 from quantdiff.bench.results import FORMAT_VERSION as FORMAT_VERSION
-from quantdiff.bench.results import BenchResult, BenchRow, MachineInfo, machine_info, write_json
+from quantdiff.bench.results import BenchResult, BenchRow, MachineInfo, machine_info, read_json, write_json
 from quantdiff.bench.runner import run_benchmark
 from quantdiff.bench.settings import FULL_LATENTS as FULL_LATENTS
 from quantdiff.bench.settings import FULL_METHODS as FULL_METHODS
@@ -125,6 +133,7 @@ __all__ = [
     "format_table",
     "machine_info",
     "make_settings",
+    "read_json",
     "render_markdown",
     "run_benchmark",
     "write_json",

@@ -88,6 +88,9 @@ def weight_bytes(model: nn.Module) -> int:
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
     seen: set[tuple[str, int]] = set()
+    # Keys by id() hold only while the object lives; torch.ao's _weight_bias() hands back a fresh tensor per
+    # call, whose id the next one would reuse (it undercounted 340 packed layers 4x), so each stays alive.
+    counted: list[Tensor] = []
     total = 0
 
     def add(tensor: Tensor) -> None:
@@ -108,6 +111,7 @@ def weight_bytes(model: nn.Module) -> int:
             key, size = ("storage", storage.data_ptr()), storage.nbytes()
         if key not in seen:
             seen.add(key)
+            counted.append(tensor)
             total += size
 
     try:

@@ -291,10 +291,13 @@ _BUILDERS: Mapping[str, Callable[[_Context], _Built]] = MappingProxyType(
 
 # Memory estimates in units of the fp32 weight bytes, only to decide when a group must be timed and freed
 # before the next build: (held after the build, extra transient while building, extra held by compiling).
-# "lin" is the Linear share of the weights (what the Linear-only peers convert).
+# "lin" is the Linear share of the weights (what the Linear-only peers convert): "lin*B" = B x lin,
+# "A-lin" = A - lin, "A-B*lin" = A - B x lin.
 _MEMORY = MappingProxyType(
     {
-        "fp32": (0.0, 0.0, 1.7),  # freezing: a packed copy, and a peak 1.65x the weights (SD1.5 measured)
+        # freezing: a packed copy; the compile's peak was 1.65x the weights for SD1.5 (31% Linear), 1.06x for
+        # SD3 (all Linear), measured
+        "fp32": (0.0, 0.0, "1.95-0.85*lin"),
         "qd-w8a8": (0.5, 0.3, 0.1),
         "qd-w4a8": (0.15, 0.4, 0.1),
         "qd-w4a8-mse": (0.15, 0.4, 0.1),
@@ -318,6 +321,7 @@ def _estimate(value: float | str, linear_share: float) -> float:
     if isinstance(value, str):
         if value.startswith("lin*"):
             return linear_share * float(value[4:])
-        base, _, _ = value.partition("-lin")
-        return max(0.0, float(base) - linear_share)
+        base, _, per_linear = value.partition("-")  # "A-lin" or "A-B*lin"
+        factor = float(per_linear.partition("*")[0]) if "*" in per_linear else 1.0
+        return max(0.0, float(base) - factor * linear_share)
     return float(value)

@@ -27,6 +27,10 @@ def _db(row: BenchRow) -> str:
     return "" if row.sqnr_db is None else f"{row.sqnr_db:.1f}"
 
 
+def _when(iso: str) -> str:
+    return iso.replace("T", " ").replace("+00:00", " UTC")
+
+
 def _case_table(rows: Sequence[BenchRow]) -> list[str]:
     lines = [
         "| method | status | path | s / step (median) | vs fp32 eager | vs best fp32 | weights MiB (x fp32) "
@@ -127,13 +131,15 @@ def _targets(result: BenchResult) -> list[str]:
 def render_markdown(result: BenchResult) -> str:
     """``RESULTS.md``: machine, settings, one table per case, notes, targets and how it was measured."""
     s = result.settings
-    when = result.started.replace("T", " ").replace("+00:00", " UTC")
+    when = _when(result.started)
+    parts = len({case["run_started"] for case in result.cases if case.get("run_started")})
     lines = [
         "# quantdiff bench results",
         "",
         f"Written by `{result.command or 'quantdiff bench'}` on {when}, in {result.duration_s / 60:.1f} min "
         f"({'quick' if s.quick else 'full'} preset)"
         + ("" if result.complete else "; PARTIAL: the run was still going when this was written")
+        + (f"; measured in {parts} resumed parts (`--resume`), each case within one process" if parts > 1 else "")
         + ". Regenerate with the same command; `--json FILE` writes the rows "
         "(schema: `quantdiff.bench` module docstring).",
         "",
@@ -174,6 +180,12 @@ def render_markdown(result: BenchResult) -> str:
                 f"parameters, {case.get('linear_share', 0) * 100:.0f}% in Linear); {case.get('groups')} timing "
                 f"group(s); process base RSS {_mib(case.get('base_rss_bytes'))} MiB; memory budget "
                 f"{_mib(case.get('budget_bytes'))} MiB."
+                + (
+                    f" Measured from {_when(case['started'])}, load average {case.get('load_average_start', 0):.2f} "
+                    "at its start."
+                    if case.get("started")
+                    else ""
+                )
             )
             lines.append("")
         lines += _case_table(rows)

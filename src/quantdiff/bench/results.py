@@ -202,6 +202,54 @@ def machine_info() -> MachineInfo:
     )
 
 
+def read_json(path: str | os.PathLike) -> BenchResult:
+    """A result written by :func:`write_json` (e.g. to resume a run: ``run_benchmark(..., previous=...)``).
+
+    Non-finite numbers were written as ``null`` and stay ``None`` (``identical_to_fp32`` keeps the meaning
+    of an infinite SQNR). Raises :class:`QuantDiffError` for a file that is not a quantdiff-bench result.
+    """
+    from quantdiff.bench.settings import BenchSettings
+    from quantdiff.errors import QuantDiffError
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise QuantDiffError(f"cannot read the benchmark result '{path}': {error}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+        raise QuantDiffError(f"'{path}' is not a {FORMAT_NAME} result")
+    if data.get("version") != FORMAT_VERSION:
+        raise QuantDiffError(
+            f"'{path}' is {FORMAT_NAME} version {data.get('version')}; this quantdiff reads version {FORMAT_VERSION}"
+        )
+    try:
+        settings = dict(data["settings"])
+        settings["latents"] = MappingProxyType({k: tuple(v) for k, v in settings["latents"].items()})
+        settings["models"], settings["methods"] = tuple(settings["models"]), tuple(settings["methods"])
+        machine = dict(data["machine"])
+        machine["flags"] = MappingProxyType(machine["flags"])
+        machine["packages"] = MappingProxyType(machine["packages"])
+        machine["load_average"] = tuple(machine["load_average"])
+        row_fields = {f.name for f in fields(BenchRow)}
+        rows = tuple(
+            BenchRow(**{k: tuple(v) if isinstance(v, list) else v for k, v in row.items() if k in row_fields})
+            for row in data["rows"]
+        )
+        return BenchResult(
+            settings=BenchSettings(**settings),
+            machine=MachineInfo(**machine),
+            rows=rows,
+            cases=tuple(MappingProxyType(case) for case in data["cases"]),
+            started=data["started"],
+            duration_s=float(data["duration_s"]),
+            load_average_end=float(data["load_average_end"]),
+            command=data.get("command", ""),
+            complete=bool(data.get("complete", True)),
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise QuantDiffError(f"'{path}' is a damaged {FORMAT_NAME} result ({error!r})") from None
+
+
 def write_json(result: BenchResult, path: str | os.PathLike) -> Path:
     """Write the result as JSON (schema in the module docstring); infinities become ``null``."""
     path = Path(path)

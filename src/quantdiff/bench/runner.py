@@ -49,8 +49,9 @@ from quantdiff.bench.methods import (
     _import_optional,
 )
 from quantdiff.bench.ort import _fingerprint
-from quantdiff.bench.results import BenchResult, BenchRow, machine_info
+from quantdiff.bench.results import BenchResult, BenchRow, MachineInfo, machine_info
 from quantdiff.bench.settings import TINY_LATENT, BenchSettings
+from quantdiff.errors import QuantDiffError
 from quantdiff.primitives import sqnr_db
 
 
@@ -63,6 +64,7 @@ class _Member:
     row: dict[str, Any]
     times: list[float] = field(default_factory=list)
     recompiled: int = 0  # timed rounds in which dynamo compiled something
+    retired: bool = False  # slower than the slow cutoff in its first timed round: not called again
 
 
 class _CaseRunner:
@@ -421,7 +423,7 @@ class _CaseRunner:
         for round_index in range(s.warmup + s.repeats):
             rng.shuffle(order)
             for member in order:
-                if member.row.get("status") != "ok":
+                if member.row.get("status") != "ok" or member.retired:
                     continue
                 graphs = _compiled_graphs()
                 try:
@@ -435,6 +437,8 @@ class _CaseRunner:
                     (anchor_times if member is self.anchor else member.times).append(elapsed)
                     if _compiled_graphs() > graphs:
                         member.recompiled += 1
+            if round_index == s.warmup and s.slow_cutoff is not None and anchor_times:
+                self._retire_slow(anchor_times[-1], s.slow_cutoff)
         for member in self.group:
             member.row["group"] = index
             member.row["times_s"] = tuple(member.times)
@@ -456,6 +460,17 @@ class _CaseRunner:
         if compiled:
             torch._dynamo.reset()  # nothing compiled outlives its group; frees the caches
         _settled_rss()
+
+    def _retire_slow(self, anchor_s: float, cutoff: float) -> None:
+        """Stop calling the members that took over ``cutoff`` x fp32 eager (``anchor_s``) in this round."""
+        for member in self.group:
+            if member.times and member.times[-1] > cutoff * anchor_s:
+                member.retired = True
+                member.row["notes"].append(
+                    f"timed in one round only: {member.times[-1] / anchor_s:.1f}x the time of fp32 eager in that "
+                    f"round, above the slow cutoff ({cutoff:g}x); more rounds would not change its place"
+                )
+                self.log(f"[{self.clock():7.1f}s]   {member.method.name}: over {cutoff:g}x fp32, timed once")
 
     # -- the rows, with ratios anchored to fp32 eager of each row's group
     def _finish(self) -> list[BenchRow]:
@@ -523,6 +538,7 @@ def run_benchmark(
     log: Callable[[str], None] | None = None,
     command: str = "",
     on_case: Callable[[BenchResult], None] | None = None,
+    previous: BenchResult | None = None,
 ) -> BenchResult:
     """Measure every (model, latent, method) of ``settings``; see the module docstring for what and how.
 
@@ -532,12 +548,15 @@ def run_benchmark(
         command: the command line, recorded in the result.
         on_case: called after each (model, latent) case with the result so far (``complete`` False until the
             last one), e.g. to write the files as a multi-hour run goes, so that nothing measured is lost.
+        previous: an earlier result of the same settings (models and latents aside) on this machine: its
+            finished cases are kept as they are and only the others are measured, so that a run of several
+            hours can go in parts. Every case is measured within one process either way; each records when.
     """
     log = log or (lambda _line: None)
     threads_before = torch.get_num_threads()
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
-    started = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+    started = run_started = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
     t0 = time.perf_counter()
 
     def clock() -> float:
@@ -545,6 +564,12 @@ def run_benchmark(
 
     rows: list[BenchRow] = []
     cases: list[Mapping[str, Any]] = []
+    done: set[tuple[str, int]] = set()
+    if previous is not None:
+        done = _reusable_cases(previous, settings)
+        cases = [case for case in previous.cases if (case["model"], case["latent"]) in done]
+        rows = [row for row in previous.rows if (row.model, row.latent) in done]
+        started = previous.started
 
     def result(complete: bool) -> BenchResult:
         return BenchResult(
@@ -553,7 +578,7 @@ def run_benchmark(
             rows=tuple(rows),
             cases=tuple(cases),
             started=started,
-            duration_s=clock(),
+            duration_s=clock() + (previous.duration_s if previous is not None else 0.0),
             load_average_end=os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0,
             command=command,
             complete=complete,
@@ -563,6 +588,10 @@ def run_benchmark(
     try:
         _warm_up(settings)
         machine = machine_info()
+        if previous is not None:
+            _check_same_machine(previous.machine, machine)
+            if done:
+                log(f"kept from the earlier run: {', '.join(f'{m} {lat}x{lat}' for m, lat in sorted(done))}")
         # The optional packages are imported once, before the base RSS is read, so that no row pays for them.
         available = {}
         for name in settings.methods:
@@ -574,7 +603,11 @@ def run_benchmark(
             for model in settings.models:
                 spec = DENOISERS[model]
                 for latent in settings.latents[model]:
+                    if (model, latent) in done:
+                        continue
                     log(f"[{clock():7.1f}s] {spec.title}, latent {latent}x{latent}, batch {settings.batch}")
+                    case_started = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+                    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
                     try:
                         case_rows, case = _CaseRunner(spec, latent, settings, available, log, clock, base).run()
                     except Exception as error:  # e.g. the fp32 model does not fit: the other cases still run
@@ -582,6 +615,9 @@ def run_benchmark(
                         log(f"  {reason}")
                         case_rows = [_failed_row(spec, latent, settings, name, reason) for name in settings.methods]
                         case = {"model": model, "latent": latent, "error": reason}
+                    case.update(
+                        started=case_started, load_average_start=load_start, run_started=run_started, command=command
+                    )
                     rows.extend(case_rows)
                     cases.append(MappingProxyType(case))
                     if on_case is not None and len(cases) < total:
@@ -589,3 +625,38 @@ def run_benchmark(
     finally:
         torch.set_num_threads(threads_before)
     return result(complete=True)
+
+
+# What may differ between the parts of one resumed run: which cases they measure.
+_PER_PART_SETTINGS = ("models", "latents", "quick")
+
+
+def _reusable_cases(previous: BenchResult, settings: BenchSettings) -> set[tuple[str, int]]:
+    """The (model, latent) cases of ``previous`` that ``settings`` asks for and that finished without error."""
+    old, new = previous.settings.to_dict(), settings.to_dict()
+    differ = [k for k in new if k not in _PER_PART_SETTINGS and old.get(k) != new[k]]
+    if differ:
+        details = "; ".join(f"{k}: {old.get(k)!r} there, {new[k]!r} now" for k in differ)
+        raise QuantDiffError(
+            f"cannot resume: the earlier result was measured with other settings ({details}); "
+            "run with the same options, or write to another --json file"
+        )
+    wanted = {(model, latent) for model in settings.models for latent in settings.latents[model]}
+    return {
+        (case["model"], case["latent"])
+        for case in previous.cases
+        if "error" not in case and (case["model"], case["latent"]) in wanted
+    }
+
+
+def _check_same_machine(before: MachineInfo, now: MachineInfo) -> None:
+    """Parts of one result must come from the same kind of machine and software."""
+    keys = ("cpu", "usable_cpus", "flags", "torch", "threads", "quantized_engine", "packages")
+    before_d, now_d = before.to_dict(), now.to_dict()
+    differ = [k for k in keys if before_d[k] != now_d[k]]
+    if differ:
+        details = "; ".join(f"{k}: {before_d[k]!r} there, {now_d[k]!r} now" for k in differ)
+        raise QuantDiffError(
+            f"cannot resume: the earlier result comes from another machine or software ({details}); "
+            "write to another --json file"
+        )

@@ -50,6 +50,9 @@ class BenchSettings:
         memory_budget_bytes: RSS this process may reach; ``None``: 85% of (available + own) memory at the
             start of each case.
         freezing: compile with inductor's ``freezing`` (weights as constants, prepacked).
+        slow_cutoff: a method slower than this many times fp32 eager in its first timed round is timed in
+            that round only (a peer at 5x fp32 costs minutes per round at real sizes, and more rounds would
+            not change its place); ``None``: every method runs every round.
         quick: the quick preset was used (reported).
     """
 
@@ -65,6 +68,7 @@ class BenchSettings:
     group_size: int | None = None
     memory_budget_bytes: int | None = None
     freezing: bool = True
+    slow_cutoff: float | None = 3.0
     quick: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -86,6 +90,7 @@ def make_settings(
     group_size: int | None = None,
     memory_budget_bytes: int | None = None,
     freezing: bool = True,
+    slow_cutoff: float | None = 3.0,
 ) -> BenchSettings:
     """Validated :class:`BenchSettings`; anything not given comes from the quick or the full preset.
 
@@ -129,6 +134,8 @@ def make_settings(
         raise QuantDiffError(f"group size must be at least 1, got {group_size}")
     if memory_budget_bytes is not None and memory_budget_bytes <= 0:
         raise QuantDiffError("the memory budget must be positive")
+    if slow_cutoff is not None and not slow_cutoff > 1.0:
+        raise QuantDiffError(f"the slow cutoff must be above 1 (times fp32 eager), got {slow_cutoff!r}")
     return BenchSettings(
         models=models,
         latents=MappingProxyType(chosen),
@@ -142,6 +149,7 @@ def make_settings(
         group_size=group_size,
         memory_budget_bytes=memory_budget_bytes,
         freezing=freezing,
+        slow_cutoff=slow_cutoff,
         quick=quick,
     )
 
