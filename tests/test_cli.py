@@ -228,6 +228,8 @@ def test_existing_output_is_not_overwritten(quantized_folder, tiny_folders, caps
 
 
 def test_inspect_execution_shows_kernel_paths_and_widened_int4(tiny_folders, tmp_path, capsys):
+    from kernel_layout import packed_int8_bounds
+
     from quantdiff.nn.kernels import kernel_support
     from quantdiff.recipe import PRESETS, Recipe, TensorSpec
 
@@ -251,8 +253,13 @@ def test_inspect_execution_shows_kernel_paths_and_widened_int4(tiny_folders, tmp
         # the kernel holds int8 (1 byte per weight) in place of the packed 4-bit weight (half a byte)
         extra = execution["held_bytes"] - totals["stored_bytes"]
         half_bytes = sum(math.prod(layer["shape"]) for layer in quantized) / 2
-        compensation = 4 * sum(layer["shape"][0] for layer in quantized if layer["type"] == "Conv2d")
-        assert half_bytes - len(quantized) <= extra <= half_bytes + compensation
+        saturates = kernel_support().saturates
+        blocking = sum(  # what oneDNN's packed layout adds to one byte per weight
+            packed_int8_bounds(layer["shape"][0], math.prod(layer["shape"][1:]), saturates)[1]
+            - math.prod(layer["shape"])
+            for layer in quantized
+        )
+        assert half_bytes - len(quantized) <= extra <= half_bytes + blocking
         assert execution["ratio_vs_fp32"] == pytest.approx(execution["held_bytes"] / totals["fp32_bytes"])
     assert main(["inspect", str(out), "--execution"]) == 0
     table = capsys.readouterr().out

@@ -64,8 +64,10 @@ VmHWM, reset through ``/proc/self/clear_refs`` (or a 2 ms RSS sampler where that
   ``compile_added_bytes``; for ``fp32`` the model itself.
 * ``peak_rss_bytes``: the peak RSS of a process that holds only this method while it runs one step:
   the process's RSS before its first case (libraries loaded, no model: the cases' ``base_rss_bytes``) +
-  ``held_bytes`` + the step's own transient peak (activations, workspaces), each measured here. (Later
-  cases start higher, by what earlier compiles leave behind; deltas keep that out of their rows.)
+  ``held_bytes`` + the step's own transient peak (activations, workspaces), each measured here. A run of
+  several cases measures each in its own child process (``cases[].pid``): compiling with freezing leaves
+  the frozen weights held by torch's C++ side after the group is freed, so later groups of the same case
+  start higher (deltas keep that out of their rows; the memory budget sees it), but later cases do not.
 * ``setup_peak_rss_bytes``: peak RSS while building it: base + the fp32 model it is built from (kept) + the
   build's measured peak. ``ort-qdq``: the measured peak of the child process that exports and quantizes.
 

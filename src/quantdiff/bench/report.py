@@ -11,6 +11,7 @@ from typing import Any
 
 from quantdiff.bench.denoisers import DENOISERS, EVAL_TIMESTEP, calibration_timesteps
 from quantdiff.bench.results import BenchResult, BenchRow
+from quantdiff.bench.settings import BenchSettings, make_settings
 
 
 def _mib(value: int | None) -> str:
@@ -25,6 +26,14 @@ def _db(row: BenchRow) -> str:
     if row.identical_to_fp32:
         return "identical"
     return "" if row.sqnr_db is None else f"{row.sqnr_db:.1f}"
+
+
+def _preset(s: BenchSettings) -> str:
+    """Which preset the settings are, or that models / latents / methods were chosen."""
+    preset = make_settings(quick=s.quick)
+    same = (s.models, dict(s.latents), s.methods) == (preset.models, dict(preset.latents), preset.methods)
+    name = "quick" if s.quick else "full"
+    return f"{name} preset" if same else f"{name} preset with chosen models, latent sizes or methods"
 
 
 def _when(iso: str) -> str:
@@ -137,7 +146,7 @@ def render_markdown(result: BenchResult) -> str:
         "# quantdiff bench results",
         "",
         f"Written by `{result.command or 'quantdiff bench'}` on {when}, in {result.duration_s / 60:.1f} min "
-        f"({'quick' if s.quick else 'full'} preset)"
+        f"({_preset(s)})"
         + ("" if result.complete else "; PARTIAL: the run was still going when this was written")
         + (f"; measured in {parts} resumed parts (`--resume`), each case within one process" if parts > 1 else "")
         + ". Regenerate with the same command; `--json FILE` writes the rows "

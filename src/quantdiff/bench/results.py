@@ -73,6 +73,12 @@ class BenchRow:
     def to_dict(self) -> dict[str, Any]:
         return _plain(self)  # JSON has no inf / nan: they become None (sqnr_db: see identical_to_fp32)
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BenchRow:
+        """Inverse of :meth:`to_dict` (lists back to tuples; unknown keys ignored)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names})
+
 
 @dataclass(frozen=True)
 class MachineInfo:
@@ -223,20 +229,13 @@ def read_json(path: str | os.PathLike) -> BenchResult:
             f"'{path}' is {FORMAT_NAME} version {data.get('version')}; this quantdiff reads version {FORMAT_VERSION}"
         )
     try:
-        settings = dict(data["settings"])
-        settings["latents"] = MappingProxyType({k: tuple(v) for k, v in settings["latents"].items()})
-        settings["models"], settings["methods"] = tuple(settings["models"]), tuple(settings["methods"])
         machine = dict(data["machine"])
         machine["flags"] = MappingProxyType(machine["flags"])
         machine["packages"] = MappingProxyType(machine["packages"])
         machine["load_average"] = tuple(machine["load_average"])
-        row_fields = {f.name for f in fields(BenchRow)}
-        rows = tuple(
-            BenchRow(**{k: tuple(v) if isinstance(v, list) else v for k, v in row.items() if k in row_fields})
-            for row in data["rows"]
-        )
+        rows = tuple(BenchRow.from_dict(row) for row in data["rows"])
         return BenchResult(
-            settings=BenchSettings(**settings),
+            settings=BenchSettings.from_dict(data["settings"]),
             machine=MachineInfo(**machine),
             rows=rows,
             cases=tuple(MappingProxyType(case) for case in data["cases"]),

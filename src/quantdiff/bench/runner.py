@@ -27,7 +27,13 @@ import torch
 from torch import Tensor, nn
 
 from quantdiff.bench.builds import _Built, _call, _Context, _one_line
-from quantdiff.bench.compiling import _compiled_graphs, _dynamo_settings, _inductor_config, _record_inductor_changes
+from quantdiff.bench.compiling import (
+    _compiled_graphs,
+    _dynamo_settings,
+    _free_compiled,
+    _inductor_config,
+    _record_inductor_changes,
+)
 from quantdiff.bench.denoisers import (
     DENOISERS,
     EVAL_SEED_OFFSET,
@@ -49,7 +55,7 @@ from quantdiff.bench.methods import (
     _import_optional,
 )
 from quantdiff.bench.ort import _fingerprint
-from quantdiff.bench.results import BenchResult, BenchRow, MachineInfo, machine_info
+from quantdiff.bench.results import BenchResult, BenchRow, MachineInfo, _plain, machine_info
 from quantdiff.bench.settings import TINY_LATENT, BenchSettings
 from quantdiff.errors import QuantDiffError
 from quantdiff.primitives import sqnr_db
@@ -116,7 +122,12 @@ class _CaseRunner:
         builds = [b for b in dict.fromkeys(METHODS[m].build for m in s.methods)]
         self.base_rss = _settled_rss()
         budget = s.memory_budget_bytes or int(0.85 * (psutil.virtual_memory().available + self.base_rss))
-        case: dict[str, Any] = {"model": self.spec.name, "latent": self.latent, "budget_bytes": budget}
+        case: dict[str, Any] = {
+            "model": self.spec.name,
+            "latent": self.latent,
+            "budget_bytes": budget,
+            "pid": os.getpid(),  # several cases: each in its own process
+        }
         threads = torch.get_num_threads()
         # ONNX Runtime first: its child peaks at several times the model, so it runs before anything is held.
         self.workdir = tempfile.TemporaryDirectory(prefix="quantdiff-bench-")
@@ -185,7 +196,7 @@ class _CaseRunner:
         finally:
             self.group, self.builds = [], []
             self.reference = self.inputs = self.anchor = None
-            torch._dynamo.reset()
+            _free_compiled()
             self.workdir.cleanup()
             _settled_rss()
         return self._finish(), case
@@ -458,7 +469,7 @@ class _CaseRunner:
         self.group, self.builds = [], []  # the last references to the group's models
         self.group_index += 1
         if compiled:
-            torch._dynamo.reset()  # nothing compiled outlives its group; frees the caches
+            _free_compiled()  # nothing compiled outlives its group
         _settled_rss()
 
     def _retire_slow(self, anchor_s: float, cutoff: float) -> None:
@@ -518,6 +529,72 @@ def _failed_row(spec: DenoiserSpec, latent: int, settings: BenchSettings, name: 
     return BenchRow(
         spec.name, latent, shape, settings.batch, name, method.label, method.kind, method.compiled, "failed", reason
     )
+
+
+def _run_case_in_child(
+    model: str, latent: int, settings: BenchSettings, log: Callable[[str], None], clock_s: float
+) -> tuple[list[BenchRow], dict[str, Any]]:
+    """Measure one case in a fresh Python process (:func:`_case_child`); its progress lines go to ``log``."""
+    with tempfile.TemporaryDirectory(prefix="quantdiff-bench-case-") as folder:
+        job, result = Path(folder) / "job.json", Path(folder) / "result.json"
+        job.write_text(
+            json.dumps(
+                {
+                    "settings": settings.to_dict(),
+                    "model": model,
+                    "latent": latent,
+                    "clock_s": clock_s,
+                    "result": str(result),
+                }
+            )
+        )
+        code = "import sys; from quantdiff.bench.runner import _case_child; sys.exit(_case_child(sys.argv[1]))"
+        with subprocess.Popen(
+            [sys.executable, "-c", code, str(job)], stdout=subprocess.PIPE, text=True, bufsize=1
+        ) as child:
+            assert child.stdout is not None
+            for line in child.stdout:
+                log(line.rstrip("\n"))
+        if not result.exists():
+            killed = " (killed: out of memory?)" if child.returncode in (-9, 137) else ""
+            raise RuntimeError(f"its process exited with code {child.returncode}{killed} before writing its rows")
+        data = json.loads(result.read_text())
+    return [BenchRow.from_dict(row) for row in data["rows"]], data["case"]
+
+
+def _case_child(job_path: str) -> int:
+    """Entry point of a case's child process: measure it as :func:`run_benchmark` would, write the rows."""
+    job = json.loads(Path(job_path).read_text())
+    settings = BenchSettings.from_dict(job["settings"])
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    t0 = time.perf_counter() - float(job["clock_s"])
+
+    def clock() -> float:
+        return time.perf_counter() - t0
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    _warm_up(settings)
+    available = _availability(settings)
+    base = _settled_rss()
+    spec = DENOISERS[job["model"]]
+    with torch.no_grad():
+        rows, case = _CaseRunner(spec, int(job["latent"]), settings, available, log, clock, base).run()
+    payload = {"rows": [row.to_dict() for row in rows], "case": _plain(case)}
+    Path(job["result"]).write_text(json.dumps(payload, allow_nan=False))
+    return 0
+
+
+def _availability(settings: BenchSettings) -> dict[str, tuple[bool, str]]:
+    """build -> (its optional packages import, why not), each imported once before the base RSS is read."""
+    available = {}
+    for name in settings.methods:
+        method = METHODS[name]
+        reasons = [reason for ok, reason in (_import_optional(m) for m in method.requires) if not ok]
+        available[method.build] = (not reasons, "; ".join(reasons))
+    return available
 
 
 def _warm_up(settings: BenchSettings) -> None:
@@ -585,6 +662,10 @@ def run_benchmark(
         )
 
     total = sum(len(settings.latents[model]) for model in settings.models)
+    # Several cases: each in a child process. Compiling with freezing leaves the frozen weights (and the
+    # compiled model's own) held by torch's C++ side after every Python reference is gone (measured: a
+    # frozen SD1.5 UNet kept 5 GiB), and later cases were refused for memory; a child returns it all.
+    isolate = sum(1 for m in settings.models for lat in settings.latents[m] if (m, lat) not in done) > 1
     try:
         _warm_up(settings)
         machine = machine_info()
@@ -593,11 +674,7 @@ def run_benchmark(
             if done:
                 log(f"kept from the earlier run: {', '.join(f'{m} {lat}x{lat}' for m, lat in sorted(done))}")
         # The optional packages are imported once, before the base RSS is read, so that no row pays for them.
-        available = {}
-        for name in settings.methods:
-            method = METHODS[name]
-            reasons = [reason for ok, reason in (_import_optional(m) for m in method.requires) if not ok]
-            available[method.build] = (not reasons, "; ".join(reasons))
+        available = _availability(settings)
         base = _settled_rss()
         with torch.no_grad():
             for model in settings.models:
@@ -609,7 +686,10 @@ def run_benchmark(
                     case_started = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
                     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
                     try:
-                        case_rows, case = _CaseRunner(spec, latent, settings, available, log, clock, base).run()
+                        if isolate:
+                            case_rows, case = _run_case_in_child(model, latent, settings, log, clock())
+                        else:
+                            case_rows, case = _CaseRunner(spec, latent, settings, available, log, clock, base).run()
                     except Exception as error:  # e.g. the fp32 model does not fit: the other cases still run
                         reason = f"the case failed: {_one_line(error)}"
                         log(f"  {reason}")

@@ -74,6 +74,14 @@ class BenchSettings:
     def to_dict(self) -> dict[str, Any]:
         return _plain(self)
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BenchSettings:
+        """Inverse of :meth:`to_dict` (as written in a result's JSON)."""
+        values = dict(data)
+        values["latents"] = MappingProxyType({k: tuple(v) for k, v in values["latents"].items()})
+        values["models"], values["methods"] = tuple(values["models"]), tuple(values["methods"])
+        return cls(**values)
+
 
 def make_settings(
     *,
