@@ -3,9 +3,10 @@
 python benchmarks/profile_step.py [--model sd15] [--latent 32] [--threads 2] [--repeats 3] [--out benchmarks/PROFILE.md]
 
 Builds the benchmark's real-size denoiser (random weights from the published config, as ``quantdiff
-bench``), quantizes a shared-weight copy with preset ``w8a8-int`` on the bench's calibration inputs,
-switches it to integer mode, and runs ``torch.profiler`` over ``--repeats`` eager steps of each (after one
-warm-up). Every ATen op's self CPU time is put in one category (int8 conv / linear kernels, the input
+bench``), quantizes a second copy with the W8A8 preset this CPU's int8 kernels compute exactly
+(``w8a8``, or ``w8a8-int`` on AVX2) on the bench's calibration inputs, switches it to integer mode
+(attention in bf16 where the CPU computes bf16 natively), and runs ``torch.profiler`` over ``--repeats``
+eager steps of each (after one warm-up). Every ATen op's self CPU time is put in one category (int8 conv / linear kernels, the input
 quantization in front of them, attention, normalisation, ...), so the table says which share of the
 step each category takes in fp32 and in W8A8, and how much each one gained. Prints the table and writes
 it with the machine description to ``--out``.
@@ -30,6 +31,7 @@ from quantdiff.bench import (
     build_denoiser,
     denoiser_inputs,
 )
+from quantdiff.bench.methods import integer_w8a8_recipe
 from quantdiff.nn import use_integer_kernels
 from quantdiff.quantize import quantize_denoiser
 
@@ -114,7 +116,7 @@ def main() -> None:
     calibration = bench_calibration(spec, fp32, args.latent, 1, 4, 0)
     inputs = denoiser_inputs(spec, args.latent, 1, EVAL_TIMESTEP, EVAL_SEED_OFFSET)
     quantized = build_denoiser(spec)
-    quantize_denoiser(quantized, "w8a8-int", calibration, progress=True)
+    quantize_denoiser(quantized, integer_w8a8_recipe(), calibration, progress=True)
     summary = use_integer_kernels(quantized)
     print(summary.format(max_layers=0))
     fp32_categories, fp32_ops, fp32_step = profile_step(fp32, inputs, args.repeats)

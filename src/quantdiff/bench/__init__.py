@@ -11,8 +11,13 @@ Rows. One row per (model, latent size, method). Methods (:data:`METHODS`):
 
 * ``fp32`` / ``fp32-compile``: the baselines. ``fp32`` always runs: it is the reference output (SQNR), the
   source every other method is built from, and the anchor of every timing round.
-* ``qd-w8a8`` (+ ``-compile``): preset ``w8a8-int`` (pair-safe int8 weights, static int8 activations) in
-  integer mode (``quantdiff.nn.use_integer_kernels``): oneDNN int8 conv/linear, exact on AVX2 CPUs.
+* ``bf16`` (+ ``-compile``): the whole model in bf16, on CPUs that compute bf16 natively (AMX-BF16 /
+  AVX512-BF16; elsewhere ``skipped``: emulated bf16 is tens of times slower than fp32). Not a target
+  baseline, but what a user of such a CPU would try first, so it is listed among the peers.
+* ``qd-w8a8`` (+ ``-compile``): static int8 weights and activations in integer mode
+  (``quantdiff.nn.use_integer_kernels``): oneDNN int8 conv/linear, with the preset this CPU's kernels
+  compute exactly (``w8a8``; ``w8a8-int``, pair-safe weights, where they saturate: AVX2 without VNNI),
+  and attention's SDPA in bf16 where the CPU computes bf16 natively (``quantdiff.nn.attention``).
   ``qd-w8a16``, ``qd-w4a8``, ``qd-w4a16``: the presets' formats; they keep the reference (fake-quant) path,
   because weight-only and per-group layers have no int8 kernel. The 4-bit rows use min-max weight ranges
   (the presets' MSE search took 4 s per million weights on one loaded core here, i.e. tens of minutes per

@@ -16,6 +16,10 @@ from torch import Tensor, nn
 from quantdiff.calibration.dataset import denoiser_output
 
 
+class MethodUnavailable(Exception):
+    """Raised by a builder when its method cannot run on this machine (the row reads ``skipped``)."""
+
+
 def _one_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"[:300].rstrip(": ")

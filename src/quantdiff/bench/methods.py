@@ -15,7 +15,8 @@ from types import MappingProxyType
 
 from quantdiff.bench.builds import _Built, _call, _Context, _one_line, _share_weights_copy
 from quantdiff.bench.ort import _build_ort
-from quantdiff.bench.peers import _build_ao_dynamic, _build_pt2e, _build_quanto, _build_torchao
+from quantdiff.bench.peers import _build_ao_dynamic, _build_bf16, _build_pt2e, _build_quanto, _build_torchao
+from quantdiff.nn.kernels import KernelSupport, kernel_support
 from quantdiff.recipe import PRESETS, Recipe, TensorSpec
 
 
@@ -50,10 +51,18 @@ def _minmax_weights(recipe: Recipe, name: str) -> Recipe:
     return Recipe(name=name, weights=weights, activations=recipe.activations)
 
 
-# quantdiff builds -> recipe (all in integer mode; layers the kernel cannot take keep the reference path)
-_QD_RECIPES: Mapping[str, Recipe] = MappingProxyType(
+def integer_w8a8_recipe(support: KernelSupport | None = None) -> Recipe:
+    """The W8A8 preset this CPU's int8 kernels compute exactly: ``w8a8`` where they cannot saturate (VNNI,
+    AMX), ``w8a8-int`` (pair-safe weights, about 1 dB of layer SQNR less) where they can (AVX2)."""
+    support = kernel_support() if support is None else support
+    return PRESETS["w8a8-int"] if support.saturates else PRESETS["w8a8"]
+
+
+# quantdiff builds -> recipe (all in integer mode; layers the kernel cannot take keep the reference path);
+# None: chosen for this CPU when built (integer_w8a8_recipe)
+_QD_RECIPES: Mapping[str, Recipe | None] = MappingProxyType(
     {
-        "qd-w8a8": PRESETS["w8a8-int"],
+        "qd-w8a8": None,
         "qd-w4a8": _minmax_weights(PRESETS["w4a8"], "w4a8-minmax-weights"),
         "qd-w4a8-mse": PRESETS["w4a8"],
         "qd-w4a8-ch": Recipe(
@@ -79,6 +88,16 @@ METHODS: Mapping[str, MethodSpec] = MappingProxyType(
         for m in (
             _method("fp32", "fp32 eager", "fp32", "fp32", False, (), "the fp32 model, eager"),
             _method("fp32-compile", "fp32 torch.compile", "fp32", "fp32", True, (), "inductor, freezing"),
+            _method("bf16", "bf16 eager", "peer", "bf16", False, (), "the model in bf16 (CPUs with native bf16 only)"),
+            _method(
+                "bf16-compile",
+                "bf16 torch.compile",
+                "peer",
+                "bf16",
+                True,
+                (),
+                "the model in bf16 (CPUs with native bf16 only), inductor with freezing",
+            ),
             _method(
                 "qd-w8a8",
                 "quantdiff W8A8 (int8 kernels)",
@@ -86,7 +105,7 @@ METHODS: Mapping[str, MethodSpec] = MappingProxyType(
                 "qd-w8a8",
                 False,
                 (),
-                "preset w8a8-int, integer mode",
+                "preset w8a8 (w8a8-int where the CPU's int8 kernels saturate), integer mode",
             ),
             _method(
                 "qd-w8a8-compile",
@@ -95,7 +114,7 @@ METHODS: Mapping[str, MethodSpec] = MappingProxyType(
                 "qd-w8a8",
                 True,
                 (),
-                "preset w8a8-int, integer mode, inductor with freezing",
+                "preset w8a8 (w8a8-int where the CPU's int8 kernels saturate), integer mode, inductor with freezing",
             ),
             _method(
                 "qd-w4a8",
@@ -253,6 +272,7 @@ def _build_quantdiff(ctx: _Context, recipe: Recipe) -> _Built:
     from quantdiff.quantize import quantize_denoiser
 
     model = _share_weights_copy(ctx.reference)
+    recipe = integer_w8a8_recipe() if recipe is None else recipe
     calibration = ctx.calibration if recipe.activations is not None else None
     info = quantize_denoiser(model, recipe, calibration, progress=False)
     summary = use_integer_kernels(model)  # layers the kernel cannot take keep the reference path (reason given)
@@ -260,8 +280,9 @@ def _build_quantdiff(ctx: _Context, recipe: Recipe) -> _Built:
     integer, reference = len(summary.integer), len(summary.reference)
     path = "integer" if integer and not reference else ("reference" if not integer else "mixed")
     kept = len(info.plan) - len(info.plan.quantized)
-    detail = "; ".join(f"{count} x {reason}" for reason, count in reasons.most_common())
+    detail = f"preset {recipe.name}; " + "; ".join(f"{count} x {reason}" for reason, count in reasons.most_common())
     detail += f"; {kept} layers kept fp32 by the plan" if kept else ""
+    detail += f"; attention in {summary.attention}" if summary.attention else ""
     built = _Built(call=lambda: _call(model, ctx.inputs), module=model, path=path, path_detail=detail)
     built.counts = {
         "integer_layers": integer,
@@ -278,6 +299,7 @@ def _build_quantdiff(ctx: _Context, recipe: Recipe) -> _Built:
 
 _BUILDERS: Mapping[str, Callable[[_Context], _Built]] = MappingProxyType(
     {
+        "bf16": _build_bf16,
         **{name: (lambda ctx, r=recipe: _build_quantdiff(ctx, r)) for name, recipe in _QD_RECIPES.items()},
         "ao-dynamic": _build_ao_dynamic,
         "pt2e": _build_pt2e,
@@ -298,6 +320,7 @@ _MEMORY = MappingProxyType(
         # freezing: a packed copy; the compile's peak was 1.65x the weights for SD1.5 (31% Linear), 1.06x for
         # SD3 (all Linear), measured
         "fp32": (0.0, 0.0, "1.95-0.85*lin"),
+        "bf16": (0.5, 0.1, "1.0-0.45*lin"),  # half of fp32's: bf16 weights, their frozen copy, the compile's peak
         "qd-w8a8": (0.5, 0.3, 0.1),
         "qd-w4a8": (0.15, 0.4, 0.1),
         "qd-w4a8-mse": (0.15, 0.4, 0.1),

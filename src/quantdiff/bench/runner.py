@@ -26,7 +26,7 @@ import psutil
 import torch
 from torch import Tensor, nn
 
-from quantdiff.bench.builds import _Built, _call, _Context, _one_line
+from quantdiff.bench.builds import MethodUnavailable, _Built, _call, _Context, _one_line
 from quantdiff.bench.compiling import (
     _compiled_graphs,
     _dynamo_settings,
@@ -321,6 +321,9 @@ class _CaseRunner:
             built.held = max(0, _settled_rss() - watch.start)
             if built.weight_bytes is None and built.module is not None:
                 built.weight_bytes = weight_bytes(built.module)
+        except MethodUnavailable as error:
+            self._fail(names, "skipped", str(error))
+            return None
         except Exception as error:
             self._fail(names, "failed", _one_line(error))
             _settled_rss()

@@ -17,7 +17,7 @@ from quantdiff.errors import QuantDiffError
 
 # The quick preset skips the peers whose setup takes minutes (PT2E export + calibration + compile, ONNX export
 # + quantize_static, further compiles): two compiles (fp32 and quantdiff W8A8, the headline comparison) remain.
-QUICK_METHODS = ("fp32", "fp32-compile", "qd-w8a8", "qd-w8a8-compile", "qd-w8a16", "ao-dynamic", "torchao-w8")
+QUICK_METHODS = ("fp32", "fp32-compile", "bf16", "qd-w8a8", "qd-w8a8-compile", "qd-w8a16", "ao-dynamic", "torchao-w8")
 # Everything but: the exact 4-bit presets (their MSE weight search takes tens of minutes per SD1.5 UNet; the
 # default 4-bit rows use min-max ranges, same format and speed); torchao's dynamic W8A8 (eager 6x slower
 # than fp32 on AVX2; compiled it lowers to the reference _int_mm kernel, 25-60x slower); quanto's

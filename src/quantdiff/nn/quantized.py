@@ -22,7 +22,9 @@ Two execution modes share those buffers:
 * ``"integer"``: the oneDNN int8 kernel on CPU (:mod:`quantdiff.nn.kernels`), which computes the same
   integers exactly when the layer is eligible; layers that are not keep the reference path, each with
   the reason. :func:`use_integer_kernels` switches a whole model and returns an :class:`ExecutionSummary`;
-  :func:`use_reference` switches back. The mode is not saved: a loaded model starts in reference mode.
+  on CPUs with native bf16 it also runs the attention modules' scaled-dot-product attention in bf16
+  (:mod:`quantdiff.nn.attention`; ``attention="float32"`` keeps fp32). :func:`use_reference` switches
+  back, fp32 attention included. The mode is not saved: a loaded model starts in reference mode.
 
 In integer mode the kernel's prepacked weight is the only copy held: ``weight_q`` is released (its buffer
 is ``None``) and rebuilt bit for bit from the packed copy whenever something needs it -- ``state_dict`` /
@@ -40,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from quantdiff.nn.attention import attention_dtype, resolve_attention, use_attention_dtype
 from quantdiff.nn.kernels import IntegerKernel, KernelDecision, KernelSupport, build_kernel, kernel_support
 from quantdiff.observers import make_observer
 from quantdiff.plan import LayerPlan
@@ -405,11 +408,16 @@ class LayerExecution:
 
 @dataclass(frozen=True)
 class ExecutionSummary:
-    """Per-layer paths of a model, with what the CPU's int8 kernels can do (``support``)."""
+    """Per-layer paths of a model, with what the CPU's int8 kernels can do (``support``).
+
+    ``attention`` is the dtype its attention modules compute scaled-dot-product attention in
+    (``"float32"``, ``"bfloat16"``: see :mod:`quantdiff.nn.attention`; None: no attention modules).
+    """
 
     mode: str
     support: KernelSupport | None
     layers: tuple[LayerExecution, ...]
+    attention: str | None = None
 
     @property
     def integer(self) -> tuple[LayerExecution, ...]:
@@ -431,6 +439,7 @@ class ExecutionSummary:
             "reference_layers": len(self.reference),
             "stored_bytes": sum(layer.stored_bytes for layer in self.layers),
             "kernel_bytes": sum(layer.kernel_bytes for layer in self.layers),
+            "attention": self.attention,
             "layers": [layer.__dict__.copy() for layer in self.layers],
         }
 
@@ -441,6 +450,7 @@ class ExecutionSummary:
             f"{len(self.reference)} on the reference path"
             + (f", {len(self.inexact)} INEXACT" if self.inexact else "")
             + (f" ({self.support.describe()})" if self.support is not None else "")
+            + (f"; attention in {self.attention}" if self.attention is not None else "")
         ]
         width = max((len(layer.name) for layer in self.layers), default=0)
         shown = self.layers if max_layers is None else self.layers[:max_layers]
@@ -453,11 +463,11 @@ class ExecutionSummary:
         return self.format()
 
 
-def use_integer_kernels(model: nn.Module, *, allow_inexact: bool = False) -> ExecutionSummary:
-    """Switch every quantized layer of ``model`` to the integer path where it can take it.
+def use_integer_kernels(model: nn.Module, *, allow_inexact: bool = False, attention: str = "auto") -> ExecutionSummary:
+    """Switch ``model`` to its deployment path: each quantized layer on the int8 kernel where it can take it.
 
-    Each layer's int8 weight is prepacked once here (a second, kernel-owned copy of the weight: see
-    :mod:`quantdiff.nn.kernels`); layers that cannot run the kernel keep the reference path, and the
+    Each layer's int8 weight is prepacked once here into the kernel's own copy, which replaces ``weight_q``
+    (see :mod:`quantdiff.nn.kernels`); layers that cannot run the kernel keep the reference path, and the
     summary says why for each. Nothing saved changes: ``save_quantized`` writes the same file in either mode.
 
     Args:
@@ -465,11 +475,15 @@ def use_integer_kernels(model: nn.Module, *, allow_inexact: bool = False) -> Exe
         allow_inexact: also run layers whose weights are not pair-safe on a CPU that saturates int16 pair
             sums (AVX2 without VNNI). Their results are wrong (14-46 dB per layer measured); a warning
             names them. Default: they stay on the reference path.
+        attention: dtype of the attention modules' scaled-dot-product attention: ``"auto"`` (bf16 where the
+            CPU computes bf16 natively, else fp32), ``"float32"`` or ``"bfloat16"``
+            (:mod:`quantdiff.nn.attention`). :func:`use_reference` restores fp32.
 
     Returns:
         The per-layer :class:`ExecutionSummary`.
     """
     support = kernel_support()
+    use_attention_dtype(model, resolve_attention(attention))
     summary = _switch(model, "integer", support, allow_inexact)
     if summary.inexact:
         warnings.warn(
@@ -482,7 +496,9 @@ def use_integer_kernels(model: nn.Module, *, allow_inexact: bool = False) -> Exe
 
 
 def use_reference(model: nn.Module) -> ExecutionSummary:
-    """Switch every quantized layer of ``model`` back to the reference (fake-quant) path; frees the kernels."""
+    """Switch every quantized layer of ``model`` back to the reference (fake-quant) path, attention to fp32;
+    frees the kernels."""
+    use_attention_dtype(model, "float32")
     return _switch(model, "reference", None, False)
 
 
@@ -492,7 +508,10 @@ def execution_summary(model: nn.Module) -> ExecutionSummary:
     modes = {m.execution for _, m in layers}
     support = next((m._support for _, m in layers if m._support is not None), None)
     return ExecutionSummary(
-        modes.pop() if len(modes) == 1 else "mixed", support, tuple(_describe(n, m) for n, m in layers)
+        modes.pop() if len(modes) == 1 else "mixed",
+        support,
+        tuple(_describe(n, m) for n, m in layers),
+        attention_dtype(model),
     )
 
 
@@ -502,7 +521,7 @@ def _switch(model: nn.Module, mode: str, support: KernelSupport | None, allow_in
         if isinstance(module, QuantizedLayer):
             module.set_execution(mode, support=support, allow_inexact=allow_inexact)
             layers.append(_describe(name, module))
-    return ExecutionSummary(mode, support, tuple(layers))
+    return ExecutionSummary(mode, support, tuple(layers), attention_dtype(model))
 
 
 def _describe(name: str, module: QuantizedLayer) -> LayerExecution:
