@@ -118,6 +118,9 @@ def test_compare_mode_runs_both_models_on_the_same_seed(tiny_folders, tmp_path):
     first, second, similarity = service.compare(GenerationRequest("a cat", steps=3, seed=5))
     assert first.seed == second.seed == 5
     assert first.parameters["quantization"] == "W8A16 (w8a16)" and second.parameters["quantization"] is None
+    # served in integer execution by default; weight-only layers have no int8 kernel, so all keep the reference
+    assert service.slots[0].execution.startswith("integer execution: 0 of 177 quantized layers on int8 kernels")
+    assert service.slots[1].execution is None  # floating point
     assert 20 < similarity["psnr"] < float("inf") and 0.5 < similarity["ssim"] < 1.0
     (entry,) = service.history()
     assert entry["kind"] == "compare" and entry["similarity"] == similarity

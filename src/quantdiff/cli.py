@@ -52,6 +52,23 @@ def _runtime_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _execution_options(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument(
+        "--execution",
+        choices=("integer", "reference"),
+        default=default,
+        help="quantized folders: 'integer' runs the quantized layers on this CPU's int8 kernels where they "
+        "compute them exactly, 'reference' the fake-quant path (default %(default)s)",
+    )
+    parser.add_argument(
+        "--attention",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="integer execution: dtype of scaled-dot-product attention; auto = bf16 on CPUs with native bf16 "
+        "(AMX / AVX512-BF16), else float32 (default auto)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from quantdiff.recipe import PRESETS
     from quantdiff.version import __version__
@@ -101,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--out", default="image.png", help="PNG path (default image.png)")
     _runtime_options(generate)
+    _execution_options(generate, "integer")
 
     inspect = verbs.add_parser("inspect", help="per-layer plan and denoiser size in fp32/fp16/quantized bytes")
     inspect.add_argument(
@@ -129,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-t5", action="store_true", help="SD3: drop the T5 text encoder to save memory")
     serve.add_argument("--cpu-offload", action="store_true", help="with --device cuda: keep idle components on the CPU")
     serve.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    _execution_options(serve, "integer")
 
     evaluate = verbs.add_parser(
         "eval", help="generate with the FP model and quantized folders on the same seeds; score and compare"
@@ -153,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     real.add_argument("--image-reward", metavar="FILE", help="ImageReward checkpoint (needs the image-reward package)")
     real.add_argument("--image-reward-config", metavar="FILE", help="ImageReward med_config.json")
     evaluate.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    _execution_options(evaluate, "reference")
 
     bench = verbs.add_parser(
         "bench",
@@ -210,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-results", action="store_true", help="do not write the markdown report")
     bench.add_argument(
         "--json", metavar="FILE", help="also write one JSON row per measurement (schema: quantdiff.bench)"
+    )
+    bench.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (default), or a CUDA device: bf16 vs W8A8 on the int8 GEMM, eager / compiled / CUDA graphs, "
+        "sdxl and sd3 at 128x128 by default (quantdiff.bench.gpu) -> benchmarks/RESULTS-gpu.md",
     )
 
     tiny = verbs.add_parser("tiny", help="build a tiny random-weight pipeline (for demos and tests)")
@@ -312,9 +338,18 @@ def _cmd_quantize(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from quantdiff.generate import generate, load_any_pipeline, save_png
+    from quantdiff.generate import describe_execution, generate, load_any_pipeline, save_png
 
-    pipe = load_any_pipeline(args.model, device=args.device, torch_dtype=_DTYPES[args.dtype])
+    pipe = load_any_pipeline(
+        args.model,
+        device=args.device,
+        torch_dtype=_DTYPES[args.dtype],
+        execution=args.execution,
+        attention=args.attention,
+    )
+    execution = describe_execution(pipe)
+    if execution is not None and not args.quiet:
+        print(execution, file=sys.stderr)
     image, parameters = generate(
         pipe,
         args.prompt,
@@ -364,6 +399,8 @@ def _cmd_serve(args) -> int:
         limits=Limits(queue_size=args.queue_size, max_steps=args.max_steps, max_size=args.max_size),
         no_t5=args.no_t5,
         cpu_offload=args.cpu_offload,
+        execution=args.execution,
+        attention=args.attention,
     )
     print(f"serving {args.model} on http://{args.host}:{args.port} (log: {args.log})")
     serve(service, host=args.host, port=args.port)
@@ -400,6 +437,8 @@ def _cmd_eval(args) -> int:
         real_weights=weights,
         device=args.device,
         progress=not args.quiet,
+        execution=args.execution,
+        attention=args.attention,
     )
     folder = write_report(report, images, args.out)
     print(format_table(report))
@@ -424,11 +463,42 @@ def _latents(entries: list[str] | None) -> dict[str, list[int]] | None:
     return latents
 
 
+def _cmd_bench_gpu(args) -> int:
+    from quantdiff.bench.gpu import GPU_LATENTS, GpuBenchSettings, parse_methods, run_gpu_benchmark, write_gpu_results
+
+    if args.quick or args.resume:
+        raise QuantDiffError("--quick and --resume apply to the CPU benchmark; on a GPU choose --models and --latent")
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip()) if args.models else ("sdxl", "sd3")
+    latents = _latents(args.latent) or {}
+    settings = GpuBenchSettings(
+        models=models,
+        latents={m: tuple(latents.get(m, latents.get("*", GPU_LATENTS.get(m, (128,))))) for m in models},
+        methods=tuple(parse_methods(args.methods)),
+        repeats=args.repeats or 10,
+        warmup=max(args.warmup, 2),
+        batch=args.batch,
+        calibration_inputs=args.calibration,
+        seed=args.seed,
+        device=args.device,
+    )
+    results = None if args.no_results else (args.results or "benchmarks/RESULTS-gpu.md")
+
+    def write(result) -> None:  # after every case too: a run cut short keeps what it measured
+        write_gpu_results(result, results, args.json)
+
+    result = run_gpu_benchmark(settings, log=lambda line: print(line, file=sys.stderr, flush=True), on_case=write)
+    write(result)
+    print(f"report -> {results}" if results else "", f"rows -> {args.json}" if args.json else "")
+    return 0
+
+
 def _cmd_bench(args) -> int:
     import shlex
 
     from quantdiff.bench import format_table, make_settings, read_json, run_benchmark, write_json, write_markdown
 
+    if args.device != "cpu":
+        return _cmd_bench_gpu(args)
     settings = make_settings(
         quick=args.quick,
         models=[m.strip() for m in args.models.split(",") if m.strip()] if args.models else None,

@@ -37,7 +37,7 @@ from quantdiff.evaluation.digits import render_specs
 from quantdiff.evaluation.evaluator import adherence, load_evaluator, predict
 from quantdiff.evaluation.metrics import fid_from_features, inception_score, psnr, ssim
 from quantdiff.evaluation.prompt_sets import EvalPrompt, EvaluationSet, read_evaluation_set
-from quantdiff.generate import load_any_pipeline, step_callback_kwargs
+from quantdiff.generate import describe_execution, load_any_pipeline, step_callback_kwargs
 from quantdiff.pipelines.loading import denoiser_of
 from quantdiff.quantize import quantization_info
 
@@ -208,8 +208,13 @@ def evaluate(
     real_weights: RealMetricWeights = RealMetricWeights(),
     device: str = "cpu",
     progress: bool = True,
+    execution: str = "reference",
+    attention: str = "auto",
 ) -> tuple[EvalReport, dict[str, np.ndarray]]:
     """Generates and scores the floating-point ``model`` and each quantized folder.
+
+    ``execution`` / ``attention``: how the quantized folders run (:func:`quantdiff.generate.load_any_pipeline`):
+    the reference (fake-quant) path by default, or ``"integer"`` to score the int8-kernel path as deployed.
 
     Returns:
         The report and each model's images by name ((N, H, W, 3) uint8), for the grid.
@@ -226,8 +231,10 @@ def evaluate(
     sets: dict[str, GeneratedSet] = {}
     entries: list[tuple[str, str, str | None]] = []
     paths = [str(model), *(str(q) for q in quantized)]
+    executions: dict[str, str | None] = {}
     for index, path in enumerate(paths):
-        pipe = load_any_pipeline(path, device=device)
+        pipe = load_any_pipeline(path, device=device, execution=execution, attention=attention)
+        executions[path] = describe_execution(pipe)
         _, denoiser = denoiser_of(pipe)
         info = quantization_info(denoiser)
         if index > 0 and info is None:
@@ -264,7 +271,11 @@ def evaluate(
     for name, path, recipe in entries:
         generated = sets[name]
         metrics: dict[str, float | None] = dict.fromkeys(METRICS)
-        details: dict[str, Any] = {"seconds": round(generated.seconds, 2), "identical_to_fp": None}
+        details: dict[str, Any] = {
+            "seconds": round(generated.seconds, 2),
+            "identical_to_fp": None,
+            "execution": executions[path],
+        }
         if judged:
             predictions = predict(evaluator, generated.images)
             scores = adherence(predictions, specs)

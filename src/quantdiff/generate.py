@@ -17,16 +17,57 @@ from typing import Any
 import torch
 from PIL import Image, PngImagePlugin
 
+from quantdiff.errors import QuantDiffError
+from quantdiff.nn import ATTENTION_CHOICES, execution_summary, use_integer_kernels
 from quantdiff.pipelines.loading import denoiser_of, load_pipeline
 from quantdiff.quantize import quantization_info
 from quantdiff.serialization import is_quantized_folder, load_quantized_pipeline
 
+EXECUTIONS = ("integer", "reference")
 
-def load_any_pipeline(path: str | os.PathLike, *, device: str | torch.device = "cpu", **components: Any):
-    """A pipeline from a diffusers pipeline folder (floating point) or a quantdiff folder (quantized)."""
-    if is_quantized_folder(path):
-        return load_quantized_pipeline(path, device=device, **components)
-    return load_pipeline(path, device=device, **components)
+
+def load_any_pipeline(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    execution: str = "reference",
+    attention: str = "auto",
+    **components: Any,
+):
+    """A pipeline from a diffusers pipeline folder (floating point) or a quantdiff folder (quantized).
+
+    Args:
+        execution: for a quantized folder, ``"integer"`` runs each quantized layer on this CPU's int8 kernel
+            where it computes it exactly (the others keep the reference path; ``execution_summary`` of the
+            denoiser says which and why), ``"reference"`` the fake-quant path everywhere. Ignored for
+            floating-point folders.
+        attention: in integer execution, the dtype of scaled-dot-product attention: ``"auto"`` (bf16 on CPUs
+            with native bf16), ``"float32"`` or ``"bfloat16"`` (see :mod:`quantdiff.nn.attention`).
+    """
+    if execution not in EXECUTIONS:
+        raise QuantDiffError(f"execution {execution!r} is unknown: use one of {', '.join(EXECUTIONS)}")
+    if attention not in ATTENTION_CHOICES:
+        raise QuantDiffError(f"attention {attention!r} is unknown: use one of {', '.join(ATTENTION_CHOICES)}")
+    if not is_quantized_folder(path):
+        return load_pipeline(path, device=device, **components)
+    pipe = load_quantized_pipeline(path, device=device, **components)
+    if execution == "integer":
+        _, denoiser = denoiser_of(pipe)
+        use_integer_kernels(denoiser, attention=attention)
+    return pipe
+
+
+def describe_execution(pipe) -> str | None:
+    """One line on how the pipeline's quantized denoiser runs (None for a floating-point denoiser)."""
+    _, denoiser = denoiser_of(pipe)
+    if quantization_info(denoiser) is None:
+        return None
+    summary = execution_summary(denoiser)
+    if summary.mode == "reference":
+        return "reference (fake-quant) execution"
+    return f"integer execution: {len(summary.integer)} of {len(summary.layers)} quantized layers on int8 kernels" + (
+        f", attention in {summary.attention}" if summary.attention else ""
+    )
 
 
 def generate(

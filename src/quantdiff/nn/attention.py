@@ -57,12 +57,13 @@ def native_bf16() -> tuple[bool, str]:
     return False, "CPU flags unknown"
 
 
-def resolve_attention(choice: str) -> str:
-    """``"auto"`` -> ``"bfloat16"`` on a CPU with native bf16, else ``"float32"``; the others as they are."""
+def resolve_attention(choice: str, device: str = "cpu") -> str:
+    """``"auto"`` -> ``"bfloat16"`` for a model on a CPU with native bf16, else ``"float32"`` (on a GPU the
+    model's own dtype decides); the others as they are."""
     if choice not in ATTENTION_CHOICES:
         raise ValueError(f"attention={choice!r} is unknown: use one of {', '.join(ATTENTION_CHOICES)}")
     if choice == "auto":
-        return "bfloat16" if native_bf16()[0] else "float32"
+        return "bfloat16" if device == "cpu" and native_bf16()[0] else "float32"
     return choice
 
 

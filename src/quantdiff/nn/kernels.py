@@ -321,6 +321,8 @@ class IntegerKernel:
         except (AttributeError, RuntimeError):
             return self.packed.numel() * self.packed.element_size()
 
+    requirement = "float32 CPU inputs without autograd"
+
     @staticmethod
     def accepts(x: Tensor) -> bool:
         """Inputs the kernel computes like the reference: fp32 on CPU, no autograd, not empty."""

@@ -34,6 +34,7 @@ either mode, not 2. :meth:`QuantizedLayer.integer_weight` reads it in either mod
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from quantdiff.nn.attention import attention_dtype, resolve_attention, use_attention_dtype
+from quantdiff.nn.int_mm import Int8MatmulKernel, build_int_mm_kernel
 from quantdiff.nn.kernels import IntegerKernel, KernelDecision, KernelSupport, build_kernel, kernel_support
 from quantdiff.observers import make_observer
 from quantdiff.plan import LayerPlan
@@ -132,6 +134,7 @@ def dequantize_weight(
 
 
 EXECUTION_MODES = ("reference", "integer")
+BACKENDS = ("auto", "onednn", "int_mm")
 _REFERENCE = KernelDecision("reference", "reference mode")
 
 
@@ -175,8 +178,9 @@ class QuantizedLayer(nn.Module):
             self.register_parameter("bias", None)
         self.execution = "reference"  # see set_execution; a plain attribute, never saved
         self._allow_inexact = False
+        self._backend = "auto"
         self._support: KernelSupport | None = None
-        self._kernel: IntegerKernel | None = None
+        self._kernel: IntegerKernel | Int8MatmulKernel | None = None
         self._decision: KernelDecision | None = None  # None: not decided since the last change
 
     def set_weight(self, weight: Tensor) -> None:
@@ -201,7 +205,12 @@ class QuantizedLayer(nn.Module):
 
     # ------------------------------------------------------------------------------------ execution mode
     def set_execution(
-        self, mode: str, *, support: KernelSupport | None = None, allow_inexact: bool = False
+        self,
+        mode: str,
+        *,
+        support: KernelSupport | None = None,
+        allow_inexact: bool = False,
+        backend: str = "auto",
     ) -> KernelDecision:
         """Choose the reference or the integer path; returns which path the layer will take and why.
 
@@ -210,12 +219,17 @@ class QuantizedLayer(nn.Module):
             support: from :func:`quantdiff.nn.kernels.kernel_support` (computed here when omitted).
             allow_inexact: in integer mode, run the kernel even where it can saturate (weights that are not
                 pair-safe on a CPU without VNNI): faster, but wrong. Default: such layers keep the reference.
+            backend: ``"auto"`` (oneDNN for weights on the CPU, ``torch._int_mm`` on CUDA), ``"onednn"``
+                (:mod:`quantdiff.nn.kernels`) or ``"int_mm"`` (:mod:`quantdiff.nn.int_mm`, any device).
         """
         if mode not in EXECUTION_MODES:
             raise ValueError(f"execution mode {mode!r} is unknown: use one of {', '.join(EXECUTION_MODES)}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend {backend!r} is unknown: use one of {', '.join(BACKENDS)}")
         self.execution = mode
         self._allow_inexact = allow_inexact
         self._support = support
+        self._backend = backend
         self._drop_kernel()
         return self.execution_decision()
 
@@ -224,9 +238,15 @@ class QuantizedLayer(nn.Module):
         if self.execution != "integer":
             return _REFERENCE
         if self._decision is None:
-            if self._support is None:
-                self._support = kernel_support()
-            self._kernel, self._decision = build_kernel(self, self._support, self._allow_inexact)
+            backend = self._backend
+            if backend == "auto":
+                backend = "int_mm" if self.weight_q.device.type == "cuda" else "onednn"
+            if backend == "int_mm":
+                self._kernel, self._decision = build_int_mm_kernel(self)
+            else:
+                if self._support is None:
+                    self._support = kernel_support()
+                self._kernel, self._decision = build_kernel(self, self._support, self._allow_inexact)
             if self._kernel is not None:
                 self._buffers["weight_q"] = None  # the packed copy holds it now: see integer_weight()
         return self._decision
@@ -265,11 +285,11 @@ class QuantizedLayer(nn.Module):
         self.execution_decision()
         if self._kernel is None:
             return None
-        if not IntegerKernel.accepts(x):
+        if not self._kernel.accepts(x):
             warnings.warn(
                 f"{type(self).__name__} is in integer mode but got a {x.dtype} input on {x.device}"
-                f"{' that needs gradients' if x.requires_grad else ''}: the int8 kernel takes float32 CPU inputs "
-                "without autograd, so this call runs the reference path",
+                f"{' that needs gradients' if x.requires_grad else ''}: the int8 kernel takes "
+                f"{self._kernel.requirement}, so this call runs the reference path",
                 stacklevel=3,
             )
             return None
@@ -463,7 +483,9 @@ class ExecutionSummary:
         return self.format()
 
 
-def use_integer_kernels(model: nn.Module, *, allow_inexact: bool = False, attention: str = "auto") -> ExecutionSummary:
+def use_integer_kernels(
+    model: nn.Module, *, allow_inexact: bool = False, attention: str = "auto", backend: str = "auto"
+) -> ExecutionSummary:
     """Switch ``model`` to its deployment path: each quantized layer on the int8 kernel where it can take it.
 
     Each layer's int8 weight is prepacked once here into the kernel's own copy, which replaces ``weight_q``
@@ -478,13 +500,16 @@ def use_integer_kernels(model: nn.Module, *, allow_inexact: bool = False, attent
         attention: dtype of the attention modules' scaled-dot-product attention: ``"auto"`` (bf16 where the
             CPU computes bf16 natively, else fp32), ``"float32"`` or ``"bfloat16"``
             (:mod:`quantdiff.nn.attention`). :func:`use_reference` restores fp32.
+        backend: ``"auto"`` (oneDNN on the CPU, ``torch._int_mm`` for layers on CUDA), ``"onednn"``, or
+            ``"int_mm"`` on any device (:mod:`quantdiff.nn.int_mm`; on the CPU only a check of the GPU math).
 
     Returns:
         The per-layer :class:`ExecutionSummary`.
     """
-    support = kernel_support()
-    use_attention_dtype(model, resolve_attention(attention))
-    summary = _switch(model, "integer", support, allow_inexact)
+    support = None if backend == "int_mm" else kernel_support()  # what the oneDNN path can do on this CPU
+    device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device.type
+    use_attention_dtype(model, resolve_attention(attention, device))
+    summary = _switch(model, "integer", support, allow_inexact, backend)
     if summary.inexact:
         warnings.warn(
             f"{len(summary.inexact)} layer(s) run the int8 kernel although their weights are not pair-safe on "
@@ -515,11 +540,13 @@ def execution_summary(model: nn.Module) -> ExecutionSummary:
     )
 
 
-def _switch(model: nn.Module, mode: str, support: KernelSupport | None, allow_inexact: bool) -> ExecutionSummary:
+def _switch(
+    model: nn.Module, mode: str, support: KernelSupport | None, allow_inexact: bool, backend: str = "auto"
+) -> ExecutionSummary:
     layers = []
     for name, module in model.named_modules():
         if isinstance(module, QuantizedLayer):
-            module.set_execution(mode, support=support, allow_inexact=allow_inexact)
+            module.set_execution(mode, support=support, allow_inexact=allow_inexact, backend=backend)
             layers.append(_describe(name, module))
     return ExecutionSummary(mode, support, tuple(layers), attention_dtype(model))
 

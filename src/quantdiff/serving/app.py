@@ -8,7 +8,7 @@ guard and request log are shared. HTTP API::
       200 {"image_png_base64", "images_png_base64", "seed", "seconds", "parameters"}
       400 {"error"}  bad input or incompatible scheduler     503 {"error"}  queue full
       500 {"error"}  NaN/inf caught by the numerics guard
-    GET  /api/health    200 {"status": "ok", "model", "quantization", "compare", "memory"}
+    GET  /api/health    200 {"status": "ok", "model", "quantization", "execution", "compare", "memory"}
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ def build_app(service: GenerationService) -> FastAPI:
             "status": "ok",
             "model": service.main.path,
             "quantization": service.main.quantization,
+            "execution": service.main.execution,
             "compare": service.slots[1].path if len(service.slots) > 1 else None,
             "memory": service.memory(),
         }

@@ -30,7 +30,7 @@ from PIL import Image
 
 from quantdiff.errors import QuantDiffError
 from quantdiff.evaluation.metrics import psnr, ssim
-from quantdiff.generate import load_any_pipeline, save_png, step_callback_kwargs
+from quantdiff.generate import describe_execution, load_any_pipeline, save_png, step_callback_kwargs
 from quantdiff.pipelines.loading import denoiser_of
 from quantdiff.quantize import quantization_info
 from quantdiff.serving.schedulers import DEFAULT, make_scheduler, scheduler_family
@@ -131,13 +131,25 @@ class GenerationResult:
 class ModelSlot:
     """One loaded pipeline with its lock, its original scheduler config and its input rules."""
 
-    def __init__(self, path: str, *, device: str = "cpu", no_t5: bool = False, cpu_offload: bool = False):
+    def __init__(
+        self,
+        path: str,
+        *,
+        device: str = "cpu",
+        no_t5: bool = False,
+        cpu_offload: bool = False,
+        execution: str = "integer",
+        attention: str = "auto",
+    ):
         self.path = str(path)
         # T5-XXL is ~4.7 GB of SD3's text encoders; without it SD3 uses zero T5 embeddings.
         extra = {"text_encoder_3": None, "tokenizer_3": None} if no_t5 else {}
         if cpu_offload and not str(device).startswith("cuda"):
             raise RequestError("CPU offload moves components between GPU and CPU memory: it needs --device cuda")
-        self.pipe = load_any_pipeline(path, device="cpu" if cpu_offload else device, **extra)
+        self.pipe = load_any_pipeline(
+            path, device="cpu" if cpu_offload else device, execution=execution, attention=attention, **extra
+        )
+        self.execution = describe_execution(self.pipe)
         if cpu_offload:
             self.pipe.enable_model_cpu_offload(device=device)
         self.pipe.set_progress_bar_config(disable=True)
@@ -190,11 +202,14 @@ class GenerationService:
         limits: Limits = Limits(),
         no_t5: bool = False,
         cpu_offload: bool = False,
+        execution: str = "integer",
+        attention: str = "auto",
     ):
         self.limits = limits
-        self.slots = [ModelSlot(model, device=device, no_t5=no_t5, cpu_offload=cpu_offload)]
+        options = dict(device=device, no_t5=no_t5, cpu_offload=cpu_offload, execution=execution, attention=attention)
+        self.slots = [ModelSlot(model, **options)]
         if compare is not None:
-            self.slots.append(ModelSlot(compare, device=device, no_t5=no_t5, cpu_offload=cpu_offload))
+            self.slots.append(ModelSlot(compare, **options))
         self.log_path = Path(log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.outputs = Path(outputs) if outputs is not None else None

@@ -1,0 +1,187 @@
+"""Integer execution with ``torch._int_mm``: the int8 GEMM path of quantized layers on CUDA GPUs.
+
+Why this op: on NVIDIA GPUs PyTorch ships cuBLASLt's int8 GEMM (int8 x int8 -> int32 accumulation) as
+``torch._int_mm``, so the GPU path needs no extension to build. Under ``torch.compile`` the input
+quantization in front of it and the dequantize epilogue behind it are plain elementwise ops that inductor
+fuses with their neighbours, and CUDA graphs (``mode="reduce-overhead"``) remove the launch overhead of
+batch-1 steps. The speed of this path has not been measured on a GPU in this repository yet:
+``benchmarks/gpu_step.py`` measures it against bf16.
+
+The same math runs on any device (``torch._int_mm`` has a CPU reference kernel, 25-60x slower than fp32
+there), which is how the tests check it on machines without a GPU: ``use_integer_kernels(model,
+backend="int_mm")``. On the CPU the oneDNN kernels (:mod:`quantdiff.nn.kernels`) are the fast path.
+
+What one layer does (``Linear``; ``Conv2d`` with a 1x1 kernel, stride 1, no padding and one group, which
+is a Linear over pixels):
+
+* once: the int8 weight ``W`` ``(C_out, K)`` is stored transposed and contiguous, ``(K, C_out)``, as the
+  cuBLAS path needs (a non-contiguous second operand gives wrong results), and replaces ``weight_q`` (one
+  byte per weight, 4-bit weights widened); its row sums ``(C_out,)`` and the folded output scale
+  ``input_scale * weight_scale[c]`` are precomputed;
+* per call: the input is quantized with the static per-tensor scale by exactly the reference formula
+  (``clamp(round(x / s) + z)``), shifted to int8 when it is unsigned (``q - 128``, zero point
+  ``z' = z - 128``), multiplied as ``(M, K) x (K, C_out)`` int8 -> int32, and rescaled
+  ``y = (acc - z' * rowsum(W)) * s * w_s + bias`` in float32, returned in the input's dtype. The integer
+  sum is exact, so the result equals the fake-quant reference up to the float rounding of the rescale.
+
+cuBLAS wants ``K`` and ``C_out`` to be nonzero multiples of 8 (otherwise the layer keeps the reference path,
+and the decision says why) and more than 16 rows; calls with fewer rows (time embeddings at batch 1) are
+padded with zero rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.modules.utils import _pair
+
+from quantdiff.nn.kernels import KernelDecision, int8_weight
+from quantdiff.recipe import TensorSpec
+
+__all__ = ["Int8MatmulKernel", "decide_int_mm", "build_int_mm_kernel"]
+
+_MIN_ROWS = 17  # cuBLAS int8 GEMM wants more than 16 rows
+
+
+def _is_pointwise_conv(conv: dict, weight_shape: torch.Size) -> bool:
+    padding = conv["padding"]
+    no_padding = padding == "valid" or (not isinstance(padding, str) and all(int(p) == 0 for p in _pair(padding)))
+    return (
+        tuple(weight_shape[2:]) == (1, 1)
+        and all(int(s) == 1 for s in _pair(conv["stride"]))
+        and int(conv["groups"]) == 1
+        and (no_padding or padding == "same")
+    )
+
+
+def decide_int_mm(
+    weights: TensorSpec, activations: TensorSpec | None, weight_shape: torch.Size, conv: dict | None = None
+) -> KernelDecision:
+    """Whether a layer with these specs can run on ``torch._int_mm``, and why (not)."""
+    blockers = []
+    if activations is None:
+        blockers.append("weight-only layer (inputs stay floating point: no int8 input for the GEMM)")
+    elif activations.granularity != "tensor":
+        blockers.append(f"per-{activations.granularity} activations (the path takes one input scale)")
+    if weights.granularity == "group":
+        blockers.append(f"per-group weights (group{weights.group_size}): the epilogue takes one scale per channel")
+    if not weights.symmetric:
+        blockers.append("asymmetric weights (the GEMM takes zero-point-free weights)")
+    if conv is not None and not _is_pointwise_conv(conv, weight_shape):
+        size = "x".join(str(v) for v in weight_shape[2:])
+        blockers.append(f"{size} convolution (the int8 GEMM path takes 1x1 convolutions only)")
+    c_out, k = int(weight_shape[0]), math.prod(weight_shape[1:])
+    if k % 8 or c_out % 8:
+        blockers.append(f"K={k}, C_out={c_out} (cuBLAS int8 GEMM needs multiples of 8)")
+    if blockers:
+        return KernelDecision("reference", "reference: " + "; ".join(blockers))
+    widened = weights.packed
+    return KernelDecision(
+        "integer", "int8 GEMM (torch._int_mm)" + ("; int4 weights widened to int8" if widened else ""), True, widened
+    )
+
+
+class Int8MatmulKernel:
+    """One layer's int8 weight in the GEMM's layout and the scalars of its epilogue.
+
+    A plain object, not a module: rebuilt from the layer's buffers whenever they change, as
+    :class:`quantdiff.nn.kernels.IntegerKernel` is; its tensors live on the weight's device.
+    """
+
+    def __init__(
+        self,
+        weight_q: Tensor,
+        weights: TensorSpec,
+        weight_shape: torch.Size,
+        weight_scale: Tensor,
+        activations: TensorSpec,
+        input_scale: Tensor,
+        input_zero_point: Tensor,
+        conv: dict | None,
+    ):
+        c_out = int(weight_shape[0])
+        w = int8_weight(weight_q, weights, weight_shape)  # (C_out, K) int8
+        self.device = w.device
+        self.weight_t = w.t().contiguous()  # (K, C_out): the GEMM's second operand, contiguous
+        self.is_conv = conv is not None
+        self.x_scale = float(input_scale)  # Python numbers: .item() in forward would break compiled graphs
+        zero_point = int(input_zero_point)
+        if activations.symmetric:  # signed q in [-2^(b-1), 2^(b-1) - 1], zero point 0
+            self.q_low, self.q_high, self.shift = -(1 << (activations.bits - 1)), (1 << (activations.bits - 1)) - 1, 0
+        else:  # unsigned q in [0, 2^b - 1], shifted by 128 into int8
+            self.q_low, self.q_high, self.shift = 0, (1 << activations.bits) - 1, 128
+        self.x_zp = zero_point
+        shifted_zp = zero_point - self.shift  # z' of the int8 input
+        row_sums = w.to(torch.int32).sum(dim=1)  # (C_out,)
+        self.compensation = (shifted_zp * row_sums).to(torch.float32)  # (C_out,): z' * sum_k W[c, k]
+        w_scale = weight_scale.reshape(-1).to(torch.float32).expand(c_out)
+        self.out_scale = (self.x_scale * w_scale).contiguous()  # (C_out,)
+
+    def dense_weight(self) -> Tensor:
+        """The int8 weight ``(C_out, K)`` (equals the widened ``weight_q``)."""
+        return self.weight_t.t().contiguous()
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight_t.numel() * self.weight_t.element_size()
+
+    requirement = "floating-point inputs on the weight's device without autograd"
+
+    def accepts(self, x: Tensor) -> bool:
+        return (
+            x.is_floating_point()
+            and x.device == self.device
+            and x.numel() > 0
+            and not (x.requires_grad and torch.is_grad_enabled())
+        )
+
+    def quantize(self, x: Tensor) -> Tensor:
+        """int8 input ``q - shift``, with ``q`` bit-identical to ``primitives.quantize`` of the fp32 input."""
+        q = torch.clamp(torch.round(x.float() / self.x_scale) + self.x_zp, self.q_low, self.q_high)
+        return (q - self.shift).to(torch.int8)
+
+    def _matmul(self, x2d: Tensor, bias: Tensor | None) -> Tensor:
+        """``(M, K)`` floating -> ``(M, C_out)`` float32."""
+        rows = x2d.shape[0]
+        q = self.quantize(x2d)  # (M, K) int8
+        if rows < _MIN_ROWS:
+            q = F.pad(q, (0, 0, 0, _MIN_ROWS - rows))  # zero rows, dropped below
+        acc = torch._int_mm(q, self.weight_t)[:rows]  # (M, C_out) int32, exact
+        y = (acc.to(torch.float32) - self.compensation) * self.out_scale
+        return y if bias is None else y + bias.to(torch.float32)
+
+    def __call__(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        if not self.is_conv:  # (..., K) -> (..., C_out)
+            y = self._matmul(x.reshape(-1, x.shape[-1]), bias)
+            return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+        unbatched = x.dim() == 3  # nn.Conv2d accepts (C, H, W)
+        x4 = x.unsqueeze(0) if unbatched else x  # (N, C_in, H, W)
+        n, _, h, w = x4.shape
+        pixels = x4.permute(0, 2, 3, 1).reshape(n * h * w, -1)  # (N*H*W, C_in)
+        y = self._matmul(pixels, bias).reshape(n, h, w, -1).permute(0, 3, 1, 2)  # (N, C_out, H, W)
+        y = y.contiguous().to(x.dtype)
+        return y.squeeze(0) if unbatched else y
+
+
+def build_int_mm_kernel(layer) -> tuple[Int8MatmulKernel | None, KernelDecision]:
+    """Decide and, on the integer path, build the int8 GEMM of one ``QuantizedLinear`` / ``QuantizedConv2d``."""
+    conv = None
+    if hasattr(layer, "groups"):
+        conv = {"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation, "groups": layer.groups}
+    decision = decide_int_mm(layer.weight_spec, layer.input_spec, layer.weight_shape, conv)
+    if decision.path != "integer":
+        return None, decision
+    kernel = Int8MatmulKernel(
+        layer.weight_q,
+        layer.weight_spec,
+        layer.weight_shape,
+        layer.weight_scale,
+        layer.input_spec,
+        layer.input_scale,
+        layer.input_zero_point,
+        conv,
+    )
+    return kernel, decision
