@@ -82,7 +82,8 @@ def test_rows_and_json_schema(result):
             assert row["speedup_vs_fp32"] > 0 and row["weight_bytes"] > 0 and row["peak_rss_bytes"] > 0
             assert row["one_time_s"] == pytest.approx(row["setup_s"] + row["first_call_s"])
     groups = {row["method"]: row["group"] for row in data["rows"] if row["status"] == "ok"}
-    assert groups == {"fp32": None, "qd-w8a8": 0, "qd-w8a16": 0, "ao-dynamic": 1}  # group_size=2
+    # group_size=2, builds in BUILD_ORDER: W8A8 and the int8 peers before the reference-path formats
+    assert groups == {"fp32": None, "qd-w8a8": 0, "ao-dynamic": 0, "qd-w8a16": 1}
     assert len(data["cases"]) == 1 and data["cases"][0]["groups"] == 2
     markdown = (folder / "RESULTS.md").read_text()
     assert "## Machine" in markdown and "| qd-w8a8 | ok |" in markdown and "## Targets" in markdown
@@ -132,6 +133,12 @@ def test_missing_peer_is_a_row(result):
     assert quanto.status == "not installed" and quanto.reason == "optimum-quanto is not installed"
     assert quanto.median_s is None and quanto.to_dict()["speedup_vs_fp32"] is None
     assert "quanto-w8a8: not installed" in bench.format_table(outcome)
+
+
+def test_every_build_has_its_place_in_the_build_order():
+    from quantdiff.bench.methods import _BUILDERS, BUILD_ORDER
+
+    assert sorted(BUILD_ORDER) == sorted({"fp32", *_BUILDERS}) and len(set(BUILD_ORDER)) == len(BUILD_ORDER)
 
 
 def test_settings_presets_and_errors():

@@ -205,7 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--calibration", type=int, default=4, help="random calibration inputs (default 4)")
     bench.add_argument("--seed", type=int, default=0)
-    bench.add_argument("--group-size", type=int, help="most methods alive and timed together (default: memory decides)")
+    bench.add_argument(
+        "--group-size",
+        type=int,
+        help="most methods alive and timed together (default 5; 0: as many as the memory budget allows)",
+    )
     bench.add_argument(
         "--memory-budget", type=float, metavar="GIB", help="RSS this process may reach (default: 85%% of free)"
     )
@@ -496,6 +500,7 @@ def _cmd_bench(args) -> int:
     import shlex
 
     from quantdiff.bench import format_table, make_settings, read_json, run_benchmark, write_json, write_markdown
+    from quantdiff.bench.settings import DEFAULT_GROUP_SIZE
 
     if args.device != "cpu":
         return _cmd_bench_gpu(args)
@@ -510,7 +515,7 @@ def _cmd_bench(args) -> int:
         batch=args.batch,
         calibration_inputs=args.calibration,
         seed=args.seed,
-        group_size=args.group_size,
+        group_size=DEFAULT_GROUP_SIZE if args.group_size is None else (args.group_size or None),
         memory_budget_bytes=None if args.memory_budget is None else int(args.memory_budget * 2**30),
         freezing=not args.no_freezing,
         slow_cutoff=args.slow_cutoff or None,

@@ -27,6 +27,7 @@ JSON schema (``inspect --json``)::
       "execution": null | {       # quantized folder with --execution only
         "support": str,           # what this CPU's int8 kernels can do
         "integer_layers": int, "reference_layers": int, "widened_layers": int,
+        "attention": "float32" | "bfloat16" | null,  # SDPA dtype in integer mode (bf16 on native-bf16 CPUs)
         "held_bytes": int,        # the denoiser in integer mode: packed kernel copies + tensors still held
         "ratio_vs_fp32": float}
     }
@@ -91,6 +92,7 @@ def _integer_execution(path, report: dict[str, Any]) -> dict[str, Any]:
         "integer_layers": len(summary.integer),
         "reference_layers": len(summary.reference),
         "widened_layers": sum(layer.widened for layer in summary.layers),
+        "attention": summary.attention,
         "held_bytes": held,
         "ratio_vs_fp32": held / report["totals"]["fp32_bytes"] if report["totals"]["fp32_bytes"] else float("nan"),
     }
@@ -216,7 +218,8 @@ def format_totals(report: dict[str, Any]) -> str:
         lines += [
             f"integer mode: {execution['integer_layers']} layers on the int8 kernel "
             f"({execution['widened_layers']} with 4-bit weights widened to int8), "
-            f"{execution['reference_layers']} on the reference path; {execution['support']}",
+            f"{execution['reference_layers']} on the reference path; {execution['support']}"
+            + (f"; attention in {execution['attention']}" if execution.get("attention") else ""),
             f"held in integer mode: {_bytes(execution['held_bytes'])} ({execution['ratio_vs_fp32']:.3f}x of fp32)",
         ]
     return "\n".join(lines)

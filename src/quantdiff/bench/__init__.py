@@ -99,6 +99,9 @@ JSON (:func:`write_json`): ``{"format": "quantdiff-bench", "version": 1, "starte
 
 Numbers are ``null`` where they do not apply (e.g. a failed row). The API changes process-wide torch state
 while it runs: the thread count (restored), dynamo's caches (reset between groups).
+
+GPU: :mod:`quantdiff.bench.gpu` (CLI ``--device cuda``) is the runner for CUDA devices: bf16 against W8A8 on
+the int8 GEMM, its own rows and JSON format (``quantdiff-bench-gpu``), documented there.
 """
 
 from quantdiff.bench.denoisers import DENOISERS, DenoiserSpec, build_denoiser, denoiser_inputs

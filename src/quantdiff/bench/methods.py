@@ -311,6 +311,28 @@ _BUILDERS: Mapping[str, Callable[[_Context], _Built]] = MappingProxyType(
     }
 )
 
+# The order builds are made and grouped in (groups hold DEFAULT_GROUP_SIZE methods): quantdiff W8A8 with
+# its closest int8 contender, PT2E, first, so that they are timed in the same group; then bf16 and the other
+# int8 peers; quantdiff's reference-path formats last, so that their slow rounds do not sit between them.
+BUILD_ORDER = (
+    "fp32",
+    "qd-w8a8",
+    "pt2e",
+    "bf16",
+    "ort",
+    "ao-dynamic",
+    "quanto-w8a8",
+    "quanto-w8",
+    "torchao-w8",
+    "torchao-w8a8",
+    "qd-w4a8-ch",
+    "qd-w8a16",
+    "qd-w4a8",
+    "qd-w4a16",
+    "qd-w4a8-mse",
+    "qd-w4a16-mse",
+)
+
 # Memory estimates in units of the fp32 weight bytes, only to decide when a group must be timed and freed
 # before the next build: (held after the build, extra transient while building, extra held by compiling).
 # "lin" is the Linear share of the weights (what the Linear-only peers convert): "lin*B" = B x lin,

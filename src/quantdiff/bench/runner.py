@@ -49,6 +49,7 @@ from quantdiff.bench.methods import (
     _BUILDERS,
     _MEMORY,
     _ORT_CHILD_FACTOR,
+    BUILD_ORDER,
     METHODS,
     MethodSpec,
     _estimate,
@@ -59,6 +60,8 @@ from quantdiff.bench.results import BenchResult, BenchRow, MachineInfo, _plain, 
 from quantdiff.bench.settings import TINY_LATENT, BenchSettings
 from quantdiff.errors import QuantDiffError
 from quantdiff.primitives import sqnr_db
+
+_PAUSE_S = 0.05  # between two timed calls of a group
 
 
 @dataclass
@@ -119,7 +122,8 @@ class _CaseRunner:
     def run(self) -> tuple[list[BenchRow], dict[str, Any]]:
         s = self.settings
         self.shape = [s.batch, int(self.spec.config["in_channels"]), self.latent, self.latent]
-        builds = [b for b in dict.fromkeys(METHODS[m].build for m in s.methods)]
+        # The contenders first, so that they share the first timing group (see BUILD_ORDER).
+        builds = sorted(dict.fromkeys(METHODS[m].build for m in s.methods), key=BUILD_ORDER.index)
         self.base_rss = _settled_rss()
         budget = s.memory_budget_bytes or int(0.85 * (psutil.virtual_memory().available + self.base_rss))
         case: dict[str, Any] = {
@@ -434,25 +438,32 @@ class _CaseRunner:
         anchor_times = self.anchor_times.setdefault(index, [])
         order = list(members)
         gc.collect()
-        for round_index in range(s.warmup + s.repeats):
-            rng.shuffle(order)
-            for member in order:
-                if member.row.get("status") != "ok" or member.retired:
-                    continue
-                graphs = _compiled_graphs()
-                try:
-                    start = time.perf_counter()
-                    member.call()
-                    elapsed = time.perf_counter() - start
-                except Exception as error:
-                    self._fail([member.method.name], "failed", _one_line(error))
-                    continue
-                if round_index >= s.warmup:
-                    (anchor_times if member is self.anchor else member.times).append(elapsed)
-                    if _compiled_graphs() > graphs:
-                        member.recompiled += 1
-            if round_index == s.warmup and s.slow_cutoff is not None and anchor_times:
-                self._retire_slow(anchor_times[-1], s.slow_cutoff)
+        gc.disable()  # a collection of the group's large heap inside one call would be charged to that method
+        try:
+            for round_index in range(s.warmup + s.repeats):
+                rng.shuffle(order)
+                for member in order:
+                    if member.row.get("status") != "ok" or member.retired:
+                        continue
+                    # A pause between calls: ONNX Runtime's worker threads spin for a while after a run and
+                    # would take the cores from whichever method is called next.
+                    time.sleep(_PAUSE_S)
+                    graphs = _compiled_graphs()
+                    try:
+                        start = time.perf_counter()
+                        member.call()
+                        elapsed = time.perf_counter() - start
+                    except Exception as error:
+                        self._fail([member.method.name], "failed", _one_line(error))
+                        continue
+                    if round_index >= s.warmup:
+                        (anchor_times if member is self.anchor else member.times).append(elapsed)
+                        if _compiled_graphs() > graphs:
+                            member.recompiled += 1
+                if round_index == s.warmup and s.slow_cutoff is not None and anchor_times:
+                    self._retire_slow(anchor_times[-1], s.slow_cutoff)
+        finally:
+            gc.enable()
         for member in self.group:
             member.row["group"] = index
             member.row["times_s"] = tuple(member.times)

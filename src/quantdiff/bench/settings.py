@@ -29,6 +29,7 @@ FULL_MODELS = ("sd15", "sdxl", "sd3")
 QUICK_LATENTS: Mapping[str, tuple[int, ...]] = MappingProxyType({"sd15": (32,), "sdxl": (32,), "sd3": (32,)})
 FULL_LATENTS: Mapping[str, tuple[int, ...]] = MappingProxyType({"sd15": (32, 64), "sdxl": (64,), "sd3": (64,)})
 TINY_LATENT = 16
+DEFAULT_GROUP_SIZE = 5  # methods alive and timed together (besides fp32 eager): see BenchSettings.group_size
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,10 @@ class BenchSettings:
         calibration_inputs: random calibration inputs for quantdiff and PT2E.
         seed: weights, inputs and the random round order.
         group_size: most methods alive (and timed together) besides fp32 eager; a build's eager and compiled
-            rows stay in one group. ``None``: as many as the memory budget allows.
+            rows stay in one group. ``None``: as many as the memory budget allows. Default
+            :data:`DEFAULT_GROUP_SIZE`, because many live models slow the one being timed: on a 24 GB
+            machine, with 12 methods (16 GB) alive a compiled W8A8 SD1.5 UNet ran 1.37x slower than with 3,
+            with 7 (12 GB) 1.13x; 12 GB of idle tensors alone cost it 1.10x.
         memory_budget_bytes: RSS this process may reach; ``None``: 85% of (available + own) memory at the
             start of each case.
         freezing: compile with inductor's ``freezing`` (weights as constants, prepacked).
@@ -65,7 +69,7 @@ class BenchSettings:
     batch: int = 1
     calibration_inputs: int = 4
     seed: int = 0
-    group_size: int | None = None
+    group_size: int | None = DEFAULT_GROUP_SIZE
     memory_budget_bytes: int | None = None
     freezing: bool = True
     slow_cutoff: float | None = 3.0
@@ -95,7 +99,7 @@ def make_settings(
     batch: int = 1,
     calibration_inputs: int = 4,
     seed: int = 0,
-    group_size: int | None = None,
+    group_size: int | None = DEFAULT_GROUP_SIZE,
     memory_budget_bytes: int | None = None,
     freezing: bool = True,
     slow_cutoff: float | None = 3.0,
