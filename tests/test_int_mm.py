@@ -10,12 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from quantized_layers import quantized_like
 from torch import nn
 
-from quantdiff.nn import QuantizedConv2d, QuantizedLinear, use_integer_kernels, use_reference
+from quantdiff.nn import QuantizedLinear, use_integer_kernels, use_reference
 from quantdiff.nn.int_mm import Int8MatmulKernel
 from quantdiff.pipelines.loading import denoiser_of, load_pipeline
-from quantdiff.primitives import compute_qparams, quantize, sqnr_db
+from quantdiff.primitives import quantize, sqnr_db
 from quantdiff.quantize import quantize_denoiser
 from quantdiff.recipe import PRESETS, Recipe, TensorSpec
 
@@ -23,25 +24,7 @@ W8A8 = PRESETS["w8a8"]
 
 
 def _quantized(layer: nn.Module, x: torch.Tensor, recipe: Recipe = W8A8):
-    weights, activations = recipe.weights, recipe.activations
-    if isinstance(layer, nn.Linear):
-        quantized = QuantizedLinear(tuple(layer.weight.shape), layer.bias is not None, weights, activations)
-    else:
-        quantized = QuantizedConv2d(
-            tuple(layer.weight.shape),
-            layer.bias is not None,
-            weights,
-            activations,
-            stride=layer.stride,
-            padding=layer.padding,
-            dilation=layer.dilation,
-            groups=layer.groups,
-        )
-    quantized.set_weight(layer.weight.detach())
-    if layer.bias is not None:
-        quantized.bias.data.copy_(layer.bias.detach())
-    quantized.set_input_qparams(*compute_qparams(x.min(), x.max(), activations.bits, activations.symmetric))
-    return quantized.eval()
+    return quantized_like(layer, x, recipe)
 
 
 CASES = {

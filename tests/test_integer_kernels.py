@@ -16,14 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from kernel_layout import packed_int8_bounds
+from quantized_layers import quantized_like
 from safetensors.torch import load_file
 from torch import nn
 
 from quantdiff.errors import RecipeError
 from quantdiff.nn import (
-    QuantizedConv2d,
     QuantizedLayer,
-    QuantizedLinear,
     execution_summary,
     kernel_support,
     use_integer_kernels,
@@ -39,30 +38,6 @@ from quantdiff.serialization import WEIGHTS_NAME, load_quantized_denoiser, save_
 SUPPORT = kernel_support()
 needs_kernels = pytest.mark.skipif(not SUPPORT.available, reason=f"oneDNN int8 kernels: {SUPPORT.reason}")
 PAIR_SAFE = PRESETS["w8a8-int"]
-
-
-def _quantized(layer: nn.Module, x: torch.Tensor, recipe: Recipe) -> QuantizedLayer:
-    """The quantized module of ``layer`` with a min-max static input scale taken from ``x``."""
-    weights, activations = recipe.weights, recipe.activations
-    if isinstance(layer, nn.Linear):
-        quantized = QuantizedLinear(tuple(layer.weight.shape), layer.bias is not None, weights, activations)
-    else:
-        quantized = QuantizedConv2d(
-            tuple(layer.weight.shape),
-            layer.bias is not None,
-            weights,
-            activations,
-            stride=layer.stride,
-            padding=layer.padding,
-            dilation=layer.dilation,
-            groups=layer.groups,
-        )
-    quantized.set_weight(layer.weight.detach())
-    if layer.bias is not None:
-        quantized.bias.data.copy_(layer.bias.detach())
-    if activations is not None:
-        quantized.set_input_qparams(*compute_qparams(x.min(), x.max(), activations.bits, activations.symmetric))
-    return quantized.eval()
 
 
 def _layer_and_input(kind: str, shape: tuple, init: str, inputs: str, seed: int = 0):
@@ -103,7 +78,7 @@ LAYERS = {
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_integer_path_matches_fake_quant_reference(name):
     layer, x = _layer_and_input(*LAYERS[name])
-    quantized = _quantized(layer, x, PAIR_SAFE)
+    quantized = quantized_like(layer, x, PAIR_SAFE)
     with torch.no_grad():
         reference = quantized(x)
         decision = quantized.set_execution("integer", support=SUPPORT)
@@ -122,7 +97,7 @@ def test_integer_path_matches_fake_quant_reference(name):
 @needs_kernels
 def test_channels_last_and_unbatched_conv_inputs():
     layer, x = _layer_and_input("conv", (16, 16, 3, 1, 1, 1, 8), "default", "ln")
-    quantized = _quantized(layer, x, PAIR_SAFE)
+    quantized = quantized_like(layer, x, PAIR_SAFE)
     with torch.no_grad():
         reference = quantized(x)
         quantized.set_execution("integer", support=SUPPORT)
@@ -137,7 +112,7 @@ def test_channels_last_and_unbatched_conv_inputs():
 def test_integer_mode_holds_one_int8_copy_and_rebuilds_weight_q_exactly():
     c_out, k = 1280, 320
     layer, x = _layer_and_input("linear", (k, c_out, 64), "normal", "ln")
-    quantized = _quantized(layer, x, PAIR_SAFE)
+    quantized = quantized_like(layer, x, PAIR_SAFE)
     stored = quantized.weight_q.clone()
     assert stored.dtype == torch.int8 and tuple(stored.shape) == (c_out, k)
     saved_before = {key: value.clone() for key, value in quantized.state_dict().items()}
@@ -155,7 +130,7 @@ def test_integer_mode_holds_one_int8_copy_and_rebuilds_weight_q_exactly():
     assert torch.equal(copy.deepcopy(quantized).weight_q, stored)
     with torch.no_grad():
         integer = quantized(x)
-        assert torch.equal(quantized.reference_forward(x), _quantized(layer, x, PAIR_SAFE).reference_forward(x))
+        assert torch.equal(quantized.reference_forward(x), quantized_like(layer, x, PAIR_SAFE).reference_forward(x))
     quantized.set_execution("reference")
     assert quantized.holds_weight_q and torch.equal(quantized.weight_q, stored)
     quantized.set_execution("integer", support=SUPPORT)
@@ -165,7 +140,7 @@ def test_integer_mode_holds_one_int8_copy_and_rebuilds_weight_q_exactly():
     assert quantized.holds_weight_q and torch.equal(quantized.weight_q, stored)
 
     conv, xc = _layer_and_input("conv", (320, 320, 3, 1, 1, 1, 16), "normal", "silu")
-    qconv = _quantized(conv, xc, PAIR_SAFE)
+    qconv = quantized_like(conv, xc, PAIR_SAFE)
     stored_conv = qconv.weight_q.clone()
     qconv.set_execution("integer", support=SUPPORT)
     kc = 320 * 9
@@ -181,7 +156,7 @@ def test_packed_int4_per_channel_weights_are_widened_for_the_kernel():
     c_out, k = 40, 77
     layer, x = _layer_and_input("linear", (k, c_out, 9), "normal", "ln")
     recipe = Recipe("w4a8-channel", TensorSpec(4, True, "channel"), PAIR_SAFE.activations)
-    quantized = _quantized(layer, x, recipe)
+    quantized = quantized_like(layer, x, recipe)
     with torch.no_grad():
         reference = quantized(x)
         stored = quantized.weight_q.clone()
@@ -207,7 +182,7 @@ def test_packed_int4_per_channel_weights_are_widened_for_the_kernel():
 )
 def test_layers_the_kernel_cannot_run_fall_back_with_the_reason(recipe, reason):
     layer, x = _layer_and_input("linear", (320, 64, 8), "normal", "ln")
-    quantized = _quantized(layer, x, PRESETS[recipe])
+    quantized = quantized_like(layer, x, PRESETS[recipe])
     with torch.no_grad():
         reference = quantized(x)
         decision = quantized.set_execution("integer", support=SUPPORT)
@@ -220,7 +195,7 @@ def test_layers_the_kernel_cannot_run_fall_back_with_the_reason(recipe, reason):
 def test_asymmetric_weights_fall_back():
     layer, x = _layer_and_input("conv", (8, 8, 3, 1, 1, 1, 6), "default", "ln")
     recipe = Recipe("asym", TensorSpec(8, False, "channel"), PAIR_SAFE.activations)
-    decision = _quantized(layer, x, recipe).set_execution("integer", support=SUPPORT)
+    decision = quantized_like(layer, x, recipe).set_execution("integer", support=SUPPORT)
     assert decision.path == "reference" and "asymmetric weights" in decision.reason
 
 
@@ -229,7 +204,7 @@ def test_plain_int8_weights_are_not_run_where_the_kernel_saturates():
     if not SUPPORT.vnni:
         assert SUPPORT.saturates, SUPPORT  # no VNNI flag: the int16 pair sums can saturate
     layer, x = _layer_and_input("linear", (320, 320, 64), "default", "ln")
-    quantized = _quantized(layer, x, PRESETS["w8a8"])
+    quantized = quantized_like(layer, x, PRESETS["w8a8"])
     with torch.no_grad():
         reference = quantized(x)
         decision = quantized.set_execution("integer", support=SUPPORT)
@@ -249,8 +224,8 @@ def test_summary_switch_back_and_copies():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.SiLU(), nn.Linear(64, 16))
     x = torch.randn(4, 32)
-    first = _quantized(model[0], x, PAIR_SAFE)
-    second = _quantized(model[2], F.silu(model[0](x)), PRESETS["w4a16"])
+    first = quantized_like(model[0], x, PAIR_SAFE)
+    second = quantized_like(model[2], F.silu(model[0](x)), PRESETS["w4a16"])
     model[0], model[2] = first, second
     with torch.no_grad():
         reference = model(x)
@@ -274,7 +249,7 @@ def test_summary_switch_back_and_copies():
 @needs_kernels
 def test_changing_the_buffers_rebuilds_the_kernel():
     layer, x = _layer_and_input("linear", (64, 32, 4), "normal", "ln")
-    quantized = _quantized(layer, x, PAIR_SAFE)
+    quantized = quantized_like(layer, x, PAIR_SAFE)
     quantized.set_execution("integer", support=SUPPORT)
     with torch.no_grad():
         before = quantized(x)

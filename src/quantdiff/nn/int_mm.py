@@ -21,8 +21,9 @@ is a Linear over pixels):
 * per call: the input is quantized with the static per-tensor scale by exactly the reference formula
   (``clamp(round(x / s) + z)``), shifted to int8 when it is unsigned (``q - 128``, zero point
   ``z' = z - 128``), multiplied as ``(M, K) x (K, C_out)`` int8 -> int32, and rescaled
-  ``y = (acc - z' * rowsum(W)) * s * w_s + bias`` in float32, returned in the input's dtype. The integer
-  sum is exact, so the result equals the fake-quant reference up to the float rounding of the rescale.
+  ``y = (acc - z' * rowsum(W)) * s * w_s + bias``, the subtraction in int32 and the rest in float32,
+  returned in the input's dtype. The integer sum is exact, so the result equals the fake-quant reference
+  up to the float rounding of the rescale.
 
 cuBLAS wants ``K`` and ``C_out`` to be nonzero multiples of 8 (otherwise the layer keeps the reference path,
 and the decision says why) and more than 16 rows; calls with fewer rows (time embeddings at batch 1) are
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
-from quantdiff.nn.kernels import KernelDecision, int8_weight
+from quantdiff.nn.kernels import KernelDecision, conv_geometry, int8_weight, kernel_arguments
 from quantdiff.recipe import TensorSpec
 
 __all__ = ["Int8MatmulKernel", "decide_int_mm", "build_int_mm_kernel"]
@@ -115,8 +116,8 @@ class Int8MatmulKernel:
             self.q_low, self.q_high, self.shift = 0, (1 << activations.bits) - 1, 128
         self.x_zp = zero_point
         shifted_zp = zero_point - self.shift  # z' of the int8 input
-        row_sums = w.to(torch.int32).sum(dim=1)  # (C_out,)
-        self.compensation = (shifted_zp * row_sums).to(torch.float32)  # (C_out,): z' * sum_k W[c, k]
+        row_sums = w.sum(dim=1, dtype=torch.int32)  # (C_out,)
+        self.compensation = shifted_zp * row_sums  # (C_out,) int32: z' * sum_k W[c, k], |.| < 2^31 for K < 130k
         w_scale = weight_scale.reshape(-1).to(torch.float32).expand(c_out)
         self.out_scale = (self.x_scale * w_scale).contiguous()  # (C_out,)
 
@@ -150,7 +151,7 @@ class Int8MatmulKernel:
         if rows < _MIN_ROWS:
             q = F.pad(q, (0, 0, 0, _MIN_ROWS - rows))  # zero rows, dropped below
         acc = torch._int_mm(q, self.weight_t)[:rows]  # (M, C_out) int32, exact
-        y = (acc.to(torch.float32) - self.compensation) * self.out_scale
+        y = (acc - self.compensation).to(torch.float32) * self.out_scale  # exact integers, one rounding
         return y if bias is None else y + bias.to(torch.float32)
 
     def __call__(self, x: Tensor, bias: Tensor | None) -> Tensor:
@@ -168,20 +169,7 @@ class Int8MatmulKernel:
 
 def build_int_mm_kernel(layer) -> tuple[Int8MatmulKernel | None, KernelDecision]:
     """Decide and, on the integer path, build the int8 GEMM of one ``QuantizedLinear`` / ``QuantizedConv2d``."""
-    conv = None
-    if hasattr(layer, "groups"):
-        conv = {"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation, "groups": layer.groups}
-    decision = decide_int_mm(layer.weight_spec, layer.input_spec, layer.weight_shape, conv)
+    decision = decide_int_mm(layer.weight_spec, layer.input_spec, layer.weight_shape, conv_geometry(layer))
     if decision.path != "integer":
         return None, decision
-    kernel = Int8MatmulKernel(
-        layer.weight_q,
-        layer.weight_spec,
-        layer.weight_shape,
-        layer.weight_scale,
-        layer.input_spec,
-        layer.input_scale,
-        layer.input_zero_point,
-        conv,
-    )
-    return kernel, decision
+    return Int8MatmulKernel(*kernel_arguments(layer)), decision

@@ -359,19 +359,16 @@ class IntegerKernel:
         return y.squeeze(0) if unbatched else y
 
 
-def build_kernel(
-    layer, support: KernelSupport, allow_inexact: bool = False
-) -> tuple[IntegerKernel | None, KernelDecision]:
-    """Decide and, on the integer path, prepack one ``QuantizedLinear`` / ``QuantizedConv2d``."""
-    conv = None
-    if hasattr(layer, "groups"):
-        conv = {"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation, "groups": layer.groups}
-    decision = decide(
-        layer.weight_spec, layer.input_spec, layer.weight_q, layer.weight_shape, support, conv, allow_inexact
-    )
-    if decision.path != "integer":
-        return None, decision
-    kernel = IntegerKernel(
+def conv_geometry(layer) -> dict | None:
+    """``{"stride", "padding", "dilation", "groups"}`` of a ``QuantizedConv2d``; None for a ``QuantizedLinear``."""
+    if not hasattr(layer, "groups"):
+        return None
+    return {"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation, "groups": layer.groups}
+
+
+def kernel_arguments(layer) -> tuple:
+    """What a kernel class is built from: the layer's stored integers, scales, specs and conv geometry."""
+    return (
         layer.weight_q,
         layer.weight_spec,
         layer.weight_shape,
@@ -379,6 +376,23 @@ def build_kernel(
         layer.input_spec,
         layer.input_scale,
         layer.input_zero_point,
-        conv,
+        conv_geometry(layer),
     )
-    return kernel, decision
+
+
+def build_kernel(
+    layer, support: KernelSupport, allow_inexact: bool = False
+) -> tuple[IntegerKernel | None, KernelDecision]:
+    """Decide and, on the integer path, prepack one ``QuantizedLinear`` / ``QuantizedConv2d``."""
+    decision = decide(
+        layer.weight_spec,
+        layer.input_spec,
+        layer.weight_q,
+        layer.weight_shape,
+        support,
+        conv_geometry(layer),
+        allow_inexact,
+    )
+    if decision.path != "integer":
+        return None, decision
+    return IntegerKernel(*kernel_arguments(layer)), decision
