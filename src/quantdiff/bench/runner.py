@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -247,7 +248,15 @@ class _CaseRunner:
         result_file = folder / "result.json"
         if not result_file.exists():
             tail = (done.stderr or done.stdout).strip().splitlines()
-            self._fail(names, "failed", f"ONNX child exited with {done.returncode}: {tail[-1] if tail else ''}"[:300])
+            # SIGKILL with no traceback: the kernel's OOM killer, the usual end of export + calibration at 512 px.
+            killed = " (killed: most likely out of memory)" if done.returncode == -signal.SIGKILL else ""
+            self._fail(
+                names,
+                "failed",
+                f"ONNX child exited with {done.returncode}{killed} after {child_s:.0f} s: {tail[-1] if tail else ''}"[
+                    :300
+                ],
+            )
             return None
         result = json.loads(result_file.read_text())
         for name in names:
