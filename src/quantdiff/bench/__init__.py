@@ -46,7 +46,8 @@ in a fresh random order, so slow drifts of the machine hit every method alike. `
 of the timed rounds; ``speedup_vs_fp32`` is fp32 eager's median in the same group over the method's
 median; ``speedup_vs_best_fp32`` divides that by fp32-compile's own speedup when compiling helped (the
 faster fp32 baseline). Compiled methods use inductor with ``freezing`` (weights become constants: what
-makes fp32 and PT2E fast on CPU) and a cold FX-graph cache, so ``first_call_s`` is a user's first compile.
+makes fp32 and PT2E fast on CPU), the FX-graph cache off and a new inductor kernel cache for each case, so
+``first_call_s`` is a user's first compile.
 A method slower than ``slow_cutoff`` x fp32 eager in its first timed round is timed in that round only (its
 row's notes say so): at real sizes such a peer costs minutes per round and more rounds would not change its
 place.

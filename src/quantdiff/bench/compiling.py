@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -82,3 +83,19 @@ def _free_compiled() -> None:
     clear_caches()
     for name in [name for name in sys.modules if name.startswith(_GENERATED_MODULES)]:
         del sys.modules[name]
+
+
+@contextlib.contextmanager
+def _private_inductor_cache(directory: Path) -> Iterator[None]:
+    """Compile into ``directory`` instead of the per-user inductor cache (``/tmp/torchinductor_<user>``).
+
+    So that every compile of a run is a user's first one (no kernels reused from earlier runs), and so that
+    a run killed while the C++ compiler was writing a kernel cannot poison later runs: inductor keys its
+    ``.so`` files by source hash and loads an existing file as is (measured: a truncated ``.so`` left by a
+    killed run failed a later run's compile with "file too short").
+    """
+    from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+
+    directory.mkdir(parents=True, exist_ok=True)
+    with temporary_cache_dir(str(directory)):
+        yield

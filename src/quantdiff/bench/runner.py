@@ -33,6 +33,7 @@ from quantdiff.bench.compiling import (
     _dynamo_settings,
     _free_compiled,
     _inductor_config,
+    _private_inductor_cache,
     _record_inductor_changes,
 )
 from quantdiff.bench.denoisers import (
@@ -121,6 +122,10 @@ class _CaseRunner:
 
     # -- the case
     def run(self) -> tuple[list[BenchRow], dict[str, Any]]:
+        with tempfile.TemporaryDirectory(prefix="quantdiff-inductor-") as cache, _private_inductor_cache(Path(cache)):
+            return self._measure()
+
+    def _measure(self) -> tuple[list[BenchRow], dict[str, Any]]:
         s = self.settings
         self.shape = [s.batch, int(self.spec.config["in_channels"]), self.latent, self.latent]
         # The contenders first, so that they share the first timing group (see BUILD_ORDER).
