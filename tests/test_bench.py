@@ -248,3 +248,33 @@ def test_weight_bytes_counts_every_torch_ao_packed_layer():
     int8 = sum(m.weight.numel() * 3 for m in linears)  # 4 bytes -> 1 byte per weight; biases stay fp32
     dynamic = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     assert bench.weight_bytes(dynamic) == fp32 - int8
+
+
+def test_a_killed_case_keeps_the_groups_it_timed():
+    """The case child checkpoints its rows after every timed group; when it dies (e.g. killed for memory),
+    the rows of those groups are kept with their ratios and only the methods not timed yet fail."""
+    from quantdiff.bench.denoisers import DENOISERS
+    from quantdiff.bench.runner import _availability, _CaseRunner, _salvaged_rows
+
+    settings = bench.make_settings(
+        models=["tiny-sd15"], methods=["qd-w8a8", "qd-w8a16"], repeats=1, calibration_inputs=1, group_size=1
+    )
+    spec, latent = DENOISERS["tiny-sd15"], settings.latents["tiny-sd15"][0]
+    checkpoints = []
+    with torch.no_grad():
+        runner = _CaseRunner(
+            spec, latent, settings, _availability(settings), lambda line: None, lambda: 0.0, 0, checkpoints.append
+        )
+        final, case = runner.run()
+    assert len(checkpoints) == case["groups"] == 2
+    first = {row.method: row for row in checkpoints[0]}
+    assert set(first) == {"fp32", "qd-w8a8"}  # qd-w8a16 was not built yet
+    final_by_name = {row.method: row for row in final}
+    assert first["qd-w8a8"].speedup_vs_fp32 == pytest.approx(final_by_name["qd-w8a8"].speedup_vs_fp32, rel=1e-12)
+
+    salvaged = _salvaged_rows(spec, latent, settings, checkpoints[0], "the case failed: killed")
+    by_name = {row.method: row for row in salvaged}
+    assert [row.method for row in salvaged] == list(settings.methods)
+    assert by_name["qd-w8a8"].status == "ok" and by_name["qd-w8a8"].median_s > 0
+    assert by_name["fp32"].median_s > 0
+    assert by_name["qd-w8a16"].status == "failed" and by_name["qd-w8a16"].reason == "the case failed: killed"

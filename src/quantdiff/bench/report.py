@@ -183,7 +183,13 @@ def render_markdown(result: BenchResult) -> str:
     ]
     for model, latent, rows, case in _cases(result):
         lines += ["", f"### {_case_title(model, latent, s.batch)}", ""]
-        if case:
+        if case.get("error"):
+            lines += [
+                f"**This case did not finish** ({case['error']}): the rows below that have times come from the "
+                "groups it had timed before; `--resume` measures the case again.",
+                "",
+            ]
+        elif case:
             lines.append(
                 f"fp32 weights {_mib(case.get('fp32_weight_bytes'))} MiB ({case.get('parameters', 0) / 1e6:.0f}M "
                 f"parameters, {case.get('linear_share', 0) * 100:.0f}% in Linear); {case.get('groups')} timing "

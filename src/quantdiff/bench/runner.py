@@ -81,8 +81,19 @@ class _Member:
 class _CaseRunner:
     """Measures one (model, latent) case; see the module docstring for the procedure."""
 
-    def __init__(self, spec: DenoiserSpec, latent: int, settings: BenchSettings, available, log, clock, base: int):
+    def __init__(
+        self,
+        spec: DenoiserSpec,
+        latent: int,
+        settings: BenchSettings,
+        available,
+        log,
+        clock,
+        base: int,
+        checkpoint: Callable[[list[BenchRow]], None] | None = None,
+    ):
         self.spec, self.latent, self.settings = spec, latent, settings
+        self.checkpoint = checkpoint  # receives the rows so far after each timed group
         self.process_base = base  # RSS of the process before its first case: the base of every peak figure
         self.available = available  # method -> (importable, reason)
         self.log = log
@@ -499,6 +510,8 @@ class _CaseRunner:
         if compiled:
             _free_compiled()  # nothing compiled outlives its group
         _settled_rss()
+        if self.checkpoint is not None:
+            self.checkpoint(self._finish())
 
     def _retire_slow(self, anchor_s: float, cutoff: float) -> None:
         """Stop calling the members that took over ``cutoff`` x fp32 eager (``anchor_s``) in this round."""
@@ -551,6 +564,14 @@ class _CaseRunner:
         return out
 
 
+def _salvaged_rows(
+    spec: DenoiserSpec, latent: int, settings: BenchSettings, timed: Sequence[BenchRow], reason: str
+) -> list[BenchRow]:
+    """The rows of a case that died: those timed before (ratios from their own groups), the rest failed."""
+    kept = {row.method: row for row in timed if row.status == "ok" or row.reason != "not timed"}
+    return [kept.get(name) or _failed_row(spec, latent, settings, name, reason) for name in settings.methods]
+
+
 def _failed_row(spec: DenoiserSpec, latent: int, settings: BenchSettings, name: str, reason: str) -> BenchRow:
     method = METHODS[name]
     shape = (settings.batch, int(spec.config["in_channels"]), latent, latent)
@@ -559,12 +580,26 @@ def _failed_row(spec: DenoiserSpec, latent: int, settings: BenchSettings, name: 
     )
 
 
+class _CaseKilled(RuntimeError):
+    """A case's process died before its end; ``rows`` are those of the groups it had timed by then."""
+
+    def __init__(self, message: str, rows: list[BenchRow]):
+        super().__init__(message)
+        self.rows = rows
+
+
 def _run_case_in_child(
     model: str, latent: int, settings: BenchSettings, log: Callable[[str], None], clock_s: float
 ) -> tuple[list[BenchRow], dict[str, Any]]:
-    """Measure one case in a fresh Python process (:func:`_case_child`); its progress lines go to ``log``."""
+    """Measure one case in a fresh Python process (:func:`_case_child`); its progress lines go to ``log``.
+
+    Raises:
+        _CaseKilled: the process died (e.g. killed for memory) before writing its rows; the error carries
+            the rows of the groups timed before, which the child checkpoints after each group.
+    """
     with tempfile.TemporaryDirectory(prefix="quantdiff-bench-case-") as folder:
         job, result = Path(folder) / "job.json", Path(folder) / "result.json"
+        partial = Path(folder) / "partial.json"
         job.write_text(
             json.dumps(
                 {
@@ -573,6 +608,7 @@ def _run_case_in_child(
                     "latent": latent,
                     "clock_s": clock_s,
                     "result": str(result),
+                    "partial": str(partial),
                 }
             )
         )
@@ -585,7 +621,8 @@ def _run_case_in_child(
                 log(line.rstrip("\n"))
         if not result.exists():
             killed = " (killed: out of memory?)" if child.returncode in (-9, 137) else ""
-            raise RuntimeError(f"its process exited with code {child.returncode}{killed} before writing its rows")
+            timed = [BenchRow.from_dict(r) for r in json.loads(partial.read_text())["rows"]] if partial.exists() else []
+            raise _CaseKilled(f"its process exited with code {child.returncode}{killed} before its end", timed)
         data = json.loads(result.read_text())
     return [BenchRow.from_dict(row) for row in data["rows"]], data["case"]
 
@@ -608,8 +645,16 @@ def _case_child(job_path: str) -> int:
     available = _availability(settings)
     base = _settled_rss()
     spec = DENOISERS[job["model"]]
+    partial = Path(job["partial"])
+
+    def checkpoint(rows: list[BenchRow]) -> None:
+        staging = partial.with_suffix(".tmp")
+        staging.write_text(json.dumps({"rows": [row.to_dict() for row in rows]}, allow_nan=False))
+        os.replace(staging, partial)  # atomic: a kill mid-write leaves the previous checkpoint
+
     with torch.no_grad():
-        rows, case = _CaseRunner(spec, int(job["latent"]), settings, available, log, clock, base).run()
+        runner = _CaseRunner(spec, int(job["latent"]), settings, available, log, clock, base, checkpoint)
+        rows, case = runner.run()
     payload = {"rows": [row.to_dict() for row in rows], "case": _plain(case)}
     Path(job["result"]).write_text(json.dumps(payload, allow_nan=False))
     return 0
@@ -721,7 +766,7 @@ def run_benchmark(
                     except Exception as error:  # e.g. the fp32 model does not fit: the other cases still run
                         reason = f"the case failed: {_one_line(error)}"
                         log(f"  {reason}")
-                        case_rows = [_failed_row(spec, latent, settings, name, reason) for name in settings.methods]
+                        case_rows = _salvaged_rows(spec, latent, settings, getattr(error, "rows", []), reason)
                         case = {"model": model, "latent": latent, "error": reason}
                     case.update(
                         started=case_started, load_average_start=load_start, run_started=run_started, command=command
