@@ -224,6 +224,13 @@ def test_cli_bench_resume_keeps_finished_cases(tmp_path, capsys):
     assert "run_started" in both["cases"][1] and "load_average_start" in both["cases"][1]
     markdown = bench.render_markdown(bench.read_json(rows))
     assert "measured in 2 resumed parts" in markdown
+    # Resuming with another model keeps the cases it does not ask for, and says it holds them.
+    assert main(["bench", "--models", "tiny-sd15", *args[3:], "--latent", "8", "--resume"]) == 0
+    three = json.loads(rows.read_text())
+    assert [(r["model"], r["latent"]) for r in three["rows"]] == [("tiny-sd3", 8), ("tiny-sd3", 16), ("tiny-sd15", 8)]
+    assert three["rows"][:2] == both["rows"]
+    assert three["settings"]["models"] == ["tiny-sd3", "tiny-sd15"]
+    assert three["settings"]["latents"] == {"tiny-sd3": [8, 16], "tiny-sd15": [8]}
     capsys.readouterr()
     before = rows.read_text()
     assert main([*args, "--latent", "8", "--repeats", "2", "--resume"]) == 2  # other settings: refused

@@ -4,6 +4,7 @@ in interleaved rounds (the procedure is described in the ``quantdiff.bench`` pac
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
@@ -715,15 +716,21 @@ def run_benchmark(
     rows: list[BenchRow] = []
     cases: list[Mapping[str, Any]] = []
     done: set[tuple[str, int]] = set()
+    recorded = settings  # what the result says it measured: with --resume, the earlier cases' too
     if previous is not None:
         done = _reusable_cases(previous, settings)
-        cases = [case for case in previous.cases if (case["model"], case["latent"]) in done]
-        rows = [row for row in previous.rows if (row.model, row.latent) in done]
+        # The earlier file's cases that this part does not ask for stay in it as they were, so that resuming
+        # one model does not drop the others.
+        wanted = {(model, latent) for model in settings.models for latent in settings.latents[model]}
+        keep = done | ({(case["model"], case["latent"]) for case in previous.cases} - wanted)
+        cases = [case for case in previous.cases if (case["model"], case["latent"]) in keep]
+        rows = [row for row in previous.rows if (row.model, row.latent) in keep]
         started = previous.started
+        recorded = _merged_settings(previous.settings, settings)
 
     def result(complete: bool) -> BenchResult:
         return BenchResult(
-            settings=settings,
+            settings=recorded,
             machine=machine,
             rows=tuple(rows),
             cases=tuple(cases),
@@ -734,7 +741,8 @@ def run_benchmark(
             complete=complete,
         )
 
-    total = sum(len(settings.latents[model]) for model in settings.models)
+    # the cases the result will hold: those kept from the earlier file and those measured now
+    total = len(cases) + sum(1 for m in settings.models for lat in settings.latents[m] if (m, lat) not in done)
     # Several cases: each in a child process. Compiling with freezing leaves the frozen weights (and the
     # compiled model's own) held by torch's C++ side after every Python reference is gone (measured: a
     # frozen SD1.5 UNet kept 5 GiB), and later cases were refused for memory; a child returns it all.
@@ -782,6 +790,13 @@ def run_benchmark(
 
 # What may differ between the parts of one resumed run: which cases they measure.
 _PER_PART_SETTINGS = ("models", "latents", "quick")
+
+
+def _merged_settings(before: BenchSettings, now: BenchSettings) -> BenchSettings:
+    """``now`` with the models and latent sizes of ``before`` added (the cases a resumed file holds)."""
+    models = tuple(dict.fromkeys((*before.models, *now.models)))
+    latents = {model: tuple(sorted({*before.latents.get(model, ()), *now.latents.get(model, ())})) for model in models}
+    return dataclasses.replace(now, models=models, latents=MappingProxyType(latents))
 
 
 def _reusable_cases(previous: BenchResult, settings: BenchSettings) -> set[tuple[str, int]]:
