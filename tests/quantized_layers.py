@@ -5,27 +5,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantdiff.nn import QuantizedConv2d, QuantizedLayer, QuantizedLinear
+from quantdiff.nn import QuantizedLayer
+from quantdiff.nn.quantized import QUANTIZED_CLASSES
+from quantdiff.plan import LayerPlan
 from quantdiff.primitives import compute_qparams
 from quantdiff.recipe import Recipe
 
 
 def quantized_like(layer: nn.Module, x: torch.Tensor, recipe: Recipe) -> QuantizedLayer:
     """The quantized module of ``layer`` (``nn.Linear`` / ``nn.Conv2d``) with a min-max static input scale from ``x``."""
-    weights, activations = recipe.weights, recipe.activations
-    if isinstance(layer, nn.Linear):
-        quantized = QuantizedLinear(tuple(layer.weight.shape), layer.bias is not None, weights, activations)
-    else:
-        quantized = QuantizedConv2d(
-            tuple(layer.weight.shape),
-            layer.bias is not None,
-            weights,
-            activations,
-            stride=layer.stride,
-            padding=layer.padding,
-            dilation=layer.dilation,
-            groups=layer.groups,
-        )
+    activations = recipe.activations
+    layer_type = type(layer).__name__
+    plan = LayerPlan(
+        "layer", layer_type, tuple(layer.weight.shape), layer.bias is not None, recipe.weights, activations, "test"
+    )
+    quantized = QUANTIZED_CLASSES[layer_type].like(layer, plan)
     quantized.set_weight(layer.weight.detach())
     if layer.bias is not None:
         quantized.bias.data.copy_(layer.bias.detach())

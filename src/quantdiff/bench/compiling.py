@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -86,8 +86,8 @@ def _free_compiled() -> None:
 
 
 @contextlib.contextmanager
-def _private_inductor_cache(directory: Path) -> Iterator[None]:
-    """Compile into ``directory`` instead of the per-user inductor cache (``/tmp/torchinductor_<user>``).
+def _private_inductor_cache() -> Iterator[None]:
+    """Compile into a new temporary directory instead of the per-user inductor cache (``/tmp/torchinductor_<user>``).
 
     So that every compile of a run is a user's first one (no kernels reused from earlier runs), and so that
     a run killed while the C++ compiler was writing a kernel cannot poison later runs: inductor keys its
@@ -96,6 +96,5 @@ def _private_inductor_cache(directory: Path) -> Iterator[None]:
     """
     from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
-    directory.mkdir(parents=True, exist_ok=True)
-    with temporary_cache_dir(str(directory)):
+    with tempfile.TemporaryDirectory(prefix="quantdiff-inductor-") as directory, temporary_cache_dir(directory):
         yield

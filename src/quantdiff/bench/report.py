@@ -176,8 +176,8 @@ def render_markdown(result: BenchResult) -> str:
         "SD3 333x4096 + pooled 2048)",
         f"- evaluation input (timing and SQNR): another Gaussian input at timestep {EVAL_TIMESTEP:.0f}",
         f"- weights: random, seed {s.seed}: Linear/Conv2d N(0, 1/fan_in), norms 1/0, other N(0, 0.02)",
-        f"- compile: inductor, freezing {'on' if s.freezing else 'off'}, cold caches (FX graph cache off, a new inductor kernel cache per case); threads "
-        f"{result.machine.threads}",
+        f"- compile: inductor, freezing {'on' if s.freezing else 'off'}, cold caches (FX graph cache off, a new "
+        f"inductor kernel cache per case); threads {result.machine.threads}",
         "",
         "## Results",
     ]

@@ -65,6 +65,13 @@ from quantdiff.errors import QuantDiffError
 from quantdiff.primitives import sqnr_db
 
 _PAUSE_S = 0.05  # between two timed calls of a group
+_NOT_TIMED = "not timed"  # reason of a row that was built but never timed
+
+
+def _exit_diagnosis(returncode: int) -> str:
+    """A child's exit code in words; SIGKILL without a traceback is the kernel's OOM killer in practice."""
+    killed = " (killed: most likely out of memory)" if returncode == -signal.SIGKILL else ""
+    return f"exited with {returncode}{killed}"
 
 
 @dataclass
@@ -134,7 +141,7 @@ class _CaseRunner:
 
     # -- the case
     def run(self) -> tuple[list[BenchRow], dict[str, Any]]:
-        with tempfile.TemporaryDirectory(prefix="quantdiff-inductor-") as cache, _private_inductor_cache(Path(cache)):
+        with _private_inductor_cache():
             return self._measure()
 
     def _measure(self) -> tuple[list[BenchRow], dict[str, Any]]:
@@ -265,15 +272,8 @@ class _CaseRunner:
         result_file = folder / "result.json"
         if not result_file.exists():
             tail = (done.stderr or done.stdout).strip().splitlines()
-            # SIGKILL with no traceback: the kernel's OOM killer, the usual end of export + calibration at 512 px.
-            killed = " (killed: most likely out of memory)" if done.returncode == -signal.SIGKILL else ""
-            self._fail(
-                names,
-                "failed",
-                f"ONNX child exited with {done.returncode}{killed} after {child_s:.0f} s: {tail[-1] if tail else ''}"[
-                    :300
-                ],
-            )
+            reason = f"ONNX child {_exit_diagnosis(done.returncode)} after {child_s:.0f} s: {tail[-1] if tail else ''}"
+            self._fail(names, "failed", reason[:300])
             return None
         result = json.loads(result_file.read_text())
         for name in names:
@@ -560,7 +560,7 @@ class _CaseRunner:
             row["notes"] = tuple(dict.fromkeys(row.get("notes") or ()))
             row["latent_shape"] = tuple(self.shape)
             if row["status"] == "ok" and row.get("median_s") is None:
-                row["status"], row["reason"] = "failed", row.get("reason") or "not timed"
+                row["status"], row["reason"] = "failed", row.get("reason") or _NOT_TIMED
             out.append(BenchRow(**{k: v for k, v in row.items() if k in BenchRow.__dataclass_fields__}))
         return out
 
@@ -569,7 +569,7 @@ def _salvaged_rows(
     spec: DenoiserSpec, latent: int, settings: BenchSettings, timed: Sequence[BenchRow], reason: str
 ) -> list[BenchRow]:
     """The rows of a case that died: those timed before (ratios from their own groups), the rest failed."""
-    kept = {row.method: row for row in timed if row.status == "ok" or row.reason != "not timed"}
+    kept = {row.method: row for row in timed if row.status == "ok" or row.reason != _NOT_TIMED}
     return [kept.get(name) or _failed_row(spec, latent, settings, name, reason) for name in settings.methods]
 
 
@@ -621,9 +621,8 @@ def _run_case_in_child(
             for line in child.stdout:
                 log(line.rstrip("\n"))
         if not result.exists():
-            killed = " (killed: out of memory?)" if child.returncode in (-9, 137) else ""
             timed = [BenchRow.from_dict(r) for r in json.loads(partial.read_text())["rows"]] if partial.exists() else []
-            raise _CaseKilled(f"its process exited with code {child.returncode}{killed} before its end", timed)
+            raise _CaseKilled(f"its process {_exit_diagnosis(child.returncode)} before its end", timed)
         data = json.loads(result.read_text())
     return [BenchRow.from_dict(row) for row in data["rows"]], data["case"]
 
@@ -774,7 +773,8 @@ def run_benchmark(
                     except Exception as error:  # e.g. the fp32 model does not fit: the other cases still run
                         reason = f"the case failed: {_one_line(error)}"
                         log(f"  {reason}")
-                        case_rows = _salvaged_rows(spec, latent, settings, getattr(error, "rows", []), reason)
+                        timed = error.rows if isinstance(error, _CaseKilled) else []
+                        case_rows = _salvaged_rows(spec, latent, settings, timed, reason)
                         case = {"model": model, "latent": latent, "error": reason}
                     case.update(
                         started=case_started, load_average_start=load_start, run_started=run_started, command=command
