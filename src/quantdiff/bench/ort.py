@@ -4,6 +4,7 @@ builder that runs the quantized model in the benchmark process.
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 import warnings
@@ -101,12 +102,15 @@ def _ort_child(job_path: str) -> int:
     try:
         torch.set_num_threads(int(job["threads"]))
         spec = DENOISERS[job["model"]]
-        model = build_denoiser(spec, int(job["seed"]))
-        if _fingerprint(model) != job["fingerprint"]:
-            raise RuntimeError("the child built different weights than the benchmark process")
         inputs = denoiser_inputs(spec, job["latent"], job["batch"], EVAL_TIMESTEP, job["seed"] + EVAL_SEED_OFFSET)
         names, tensors, constants = _flatten_tensors(inputs)
-        wrapper = _PositionalDenoiser(model, names, constants).eval()
+
+        def exportable() -> nn.Module:
+            model = build_denoiser(spec, int(job["seed"]))
+            if _fingerprint(model) != job["fingerprint"]:
+                raise RuntimeError("the child built different weights than the benchmark process")
+            return _PositionalDenoiser(model, names, constants).eval()
+
         folder = Path(job["folder"])
         calibration = [
             _flatten_tensors(denoiser_inputs(spec, job["latent"], job["batch"], t, job["seed"] + 1 + i))[1]
@@ -115,12 +119,18 @@ def _ort_child(job_path: str) -> int:
         # The TorchScript exporter first: quantize_static rejects the dynamo exporter's UNet graph ("quantization
         # parameter shared mode is not supported for weight"); the dynamo one is the fallback.
         errors = []
+        wrapper: nn.Module | None = exportable()
         for exporter in ("torchscript", "dynamo"):
             fp32_path, q_path = folder / f"fp32-{exporter}.onnx", folder / f"int8-{exporter}.onnx"
             try:
+                wrapper = wrapper if wrapper is not None else exportable()
                 start = time.perf_counter()
                 _export_onnx(wrapper, tuple(tensors), names, fp32_path, dynamo=exporter == "dynamo")
                 export_s = time.perf_counter() - start
+                # quantize_static holds the fp32 ONNX model several times over (loaded, augmented, in a
+                # session); the torch copy must not sit beside them (built again if the fallback needs it).
+                wrapper = None
+                gc.collect()
                 start = time.perf_counter()
                 _quantize_onnx(fp32_path, q_path, names, calibration)
                 result.update(exporter=exporter, export_s=export_s, quantize_s=time.perf_counter() - start)
