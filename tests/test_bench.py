@@ -290,7 +290,7 @@ def test_a_killed_case_keeps_the_groups_it_timed():
 
 def test_onnx_runtime_peer_exports_quantizes_and_runs():
     """The ort-qdq child on the tiny UNet: export + quantize_static in its own process, the quantized model timed
-    here; its int8 weights sit on disk at about a quarter of fp32 and its output tracks fp32."""
+    here; its int8 model on disk is well under fp32's bytes and its output tracks fp32."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
     settings = bench.make_settings(models=["tiny-sd15"], methods=["ort-qdq"], repeats=1, calibration_inputs=2)
