@@ -60,7 +60,8 @@ import torchao.quantization.pt2e  # noqa: E402,F401
 from torch import nn  # noqa: E402
 from torch._inductor.utils import run_and_get_code  # noqa: E402
 
-from quantdiff.nn.quantized import QuantizedConv2d, QuantizedLinear  # noqa: E402
+from quantdiff.nn.quantized import QUANTIZED_CLASSES, QuantizedConv2d  # noqa: E402
+from quantdiff.plan import LayerPlan  # noqa: E402
 from quantdiff.primitives import compute_qparams, sqnr_db  # noqa: E402
 from quantdiff.recipe import TensorSpec  # noqa: E402
 
@@ -224,19 +225,9 @@ def make_reference(layer: nn.Module, x: torch.Tensor, wbits: int, abits: int, sa
     """
     wspec = TensorSpec(bits=wbits, symmetric=True, granularity="channel")
     aspec = TensorSpec(bits=abits, symmetric=False, granularity="tensor")
-    if isinstance(layer, nn.Linear):
-        q = QuantizedLinear(tuple(layer.weight.shape), True, wspec, aspec)
-    else:
-        q = QuantizedConv2d(
-            tuple(layer.weight.shape),
-            True,
-            wspec,
-            aspec,
-            stride=layer.stride,
-            padding=layer.padding,
-            dilation=layer.dilation,
-            groups=layer.groups,
-        )
+    kind = type(layer).__name__
+    plan = LayerPlan("probe", kind, tuple(layer.weight.shape), True, wspec, aspec, "probe")
+    q = QUANTIZED_CLASSES[kind].like(layer, plan)
     q.set_weight(layer.weight.detach())
     with torch.no_grad():
         q.bias.copy_(layer.bias)
@@ -301,38 +292,12 @@ class OnednnInt8(nn.Module):
         return self.forward_quantized(self.quantize(x))
 
     def forward_quantized(self, q: torch.Tensor) -> torch.Tensor:
+        operands = (q, self.x_scale, self.x_zp, self.packed, self.w_scale, self.w_zp, self.bias)
+        # output scale 1 and zero point 0 with an fp32 output: no requantization, no fused post-op
+        output = (1.0, 0, torch.float32, "none", [], "")
         if self.is_conv:
-            return torch.ops.onednn.qconv_pointwise(
-                q,
-                self.x_scale,
-                self.x_zp,
-                self.packed,
-                self.w_scale,
-                self.w_zp,
-                self.bias,
-                *self.conv_args,
-                1.0,
-                0,
-                torch.float32,
-                "none",
-                [],
-                "",
-            )
-        return torch.ops.onednn.qlinear_pointwise(
-            q,
-            self.x_scale,
-            self.x_zp,
-            self.packed,
-            self.w_scale,
-            self.w_zp,
-            self.bias,
-            1.0,
-            0,
-            torch.float32,
-            "none",
-            [],
-            "",
-        )
+            return torch.ops.onednn.qconv_pointwise(*operands, *self.conv_args, *output)
+        return torch.ops.onednn.qlinear_pointwise(*operands, *output)
 
 
 class PT2EDecomposed(nn.Module):

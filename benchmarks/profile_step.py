@@ -31,7 +31,7 @@ from quantdiff.bench import (
     build_denoiser,
     denoiser_inputs,
 )
-from quantdiff.bench.methods import integer_w8a8_recipe
+from quantdiff.bench.builds import integer_w8a8_recipe
 from quantdiff.nn import use_integer_kernels
 from quantdiff.quantize import quantize_denoiser
 

@@ -47,8 +47,9 @@ import kernel_probe as kp  # noqa: E402  (OnednnInt8, pair_safe_quantize)
 import torch._inductor.config as inductor_config  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 
-from quantdiff.nn.quantized import QuantizedConv2d, QuantizedLinear  # noqa: E402
+from quantdiff.nn.quantized import QUANTIZED_CLASSES, QuantizedConv2d, QuantizedLinear  # noqa: E402
 from quantdiff.pipelines.reference_configs import SD15_UNET  # noqa: E402
+from quantdiff.plan import LayerPlan  # noqa: E402
 from quantdiff.primitives import compute_qparams, sqnr_db  # noqa: E402
 from quantdiff.recipe import TensorSpec  # noqa: E402
 
@@ -133,19 +134,9 @@ def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
 def reference_layer(m: nn.Module, lo, hi, wbits: int, abits: int, safe: bool):
     wspec = TensorSpec(bits=wbits, symmetric=True, granularity="channel")
     aspec = TensorSpec(bits=abits, symmetric=False, granularity="tensor")
-    if isinstance(m, nn.Linear):
-        q = QuantizedLinear(tuple(m.weight.shape), m.bias is not None, wspec, aspec)
-    else:
-        q = QuantizedConv2d(
-            tuple(m.weight.shape),
-            m.bias is not None,
-            wspec,
-            aspec,
-            stride=m.stride,
-            padding=m.padding,
-            dilation=m.dilation,
-            groups=m.groups,
-        )
+    kind = type(m).__name__
+    plan = LayerPlan("probe", kind, tuple(m.weight.shape), m.bias is not None, wspec, aspec, "probe")
+    q = QUANTIZED_CLASSES[kind].like(m, plan)
     if safe:
         q.weight_q, q.weight_scale, _ = kp.pair_safe_quantize(m.weight, steps=6)
     else:

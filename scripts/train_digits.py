@@ -1,7 +1,7 @@
 """Train a bundled digits model from a seed and write it as a pipeline folder with its prompt sets.
 
-python scripts/train_digits.py --model sd  [--out src/quantdiff/data/models/digits-sd]  [--seed 0] [--denoiser-steps N]
-python scripts/train_digits.py --model sd3 [--out src/quantdiff/data/models/digits-sd3] [--vae-from DIGITS_SD_DIR]
+python scripts/train_digits.py --model sd  [--out src/quantdiff/demo/digits/models/digits-sd]  [--seed 0] [--denoiser-steps N]
+python scripts/train_digits.py --model sd3 [--out src/quantdiff/demo/digits/models/digits-sd3] [--vae-from DIGITS_SD_DIR]
 python scripts/train_digits.py --model sd|sd3 --init-from MODEL_DIR --stage 1 --denoiser-steps N   # continue a run
 
 Every field of DigitsSDConfig / DigitsSD3Config is an option. Each model trains its own autoencoder unless
@@ -20,13 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from quantdiff.demo.digits.evaluator import adherence, load_evaluator, predict
+from quantdiff.demo.digits.prompts import digits_prompt_sets
+from quantdiff.demo.digits.training.sd import DigitsSDConfig, train_digits_sd
+from quantdiff.demo.digits.training.sd3 import DigitsSD3Config, train_digits_sd3
 from quantdiff.evaluate import generate_set
-from quantdiff.evaluation.evaluator import adherence, load_evaluator, predict
-from quantdiff.evaluation.prompt_sets import EvaluationSet, digits_prompt_sets, write_prompt_sets
-from quantdiff.training.digits_sd import DigitsSDConfig, train_digits_sd
-from quantdiff.training.digits_sd3 import DigitsSD3Config, train_digits_sd3
+from quantdiff.evaluation.prompt_sets import EvaluationSet, write_prompt_sets
 
-MODELS = Path(__file__).resolve().parent.parent / "src" / "quantdiff" / "data" / "models"
+MODELS = Path(__file__).resolve().parent.parent / "src" / "quantdiff" / "demo" / "digits" / "models"
 CONFIGS = {"sd": DigitsSDConfig, "sd3": DigitsSD3Config}
 PROBE_SEED = 1000  # as `quantdiff eval --seed 1000`: not the seeds the main job evaluates on
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from quantdiff.evaluation.digits import make_dataset
-from quantdiff.evaluation.evaluator import head_accuracies, load_evaluator, save_evaluator, train_evaluator
+from quantdiff.demo.digits.data import make_dataset
+from quantdiff.demo.digits.evaluator import head_accuracies, load_evaluator, save_evaluator, train_evaluator
 
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "src" / "quantdiff" / "data" / "digits_evaluator.safetensors"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "src" / "quantdiff" / "demo" / "digits" / "evaluator.safetensors"
 
 # (name, make_dataset arguments): the first is the test suite's check.
 CHECKS = (

@@ -15,7 +15,7 @@ import torch
 
 from quantdiff.calibration import capture_calibration
 from quantdiff.pipelines.loading import load_pipeline
-from quantdiff.pipelines.tiny import TINY_ARCHITECTURES, save_tiny_pipeline
+from quantdiff.testing.tiny import TINY_ARCHITECTURES, save_tiny_pipeline
 
 CALIBRATION_PROMPTS = [
     "a red fox in the snow",

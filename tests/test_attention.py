@@ -16,8 +16,8 @@ from torch.overrides import TorchFunctionMode
 from quantdiff.nn import attention_dtype, native_bf16, use_attention_dtype, use_integer_kernels, use_reference
 from quantdiff.nn.attention import BF16AttentionProcessor, resolve_attention
 from quantdiff.pipelines.loading import denoiser_of
-from quantdiff.pipelines.tiny import build_tiny_pipeline
 from quantdiff.primitives import sqnr_db
+from quantdiff.testing.tiny import build_tiny_pipeline
 
 
 class _RecordSDPA(TorchFunctionMode):

@@ -45,7 +45,8 @@ ROW_FIELDS = {
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     """One run on the tiny SD1.5 UNet: fp32, quantdiff W8A8 and W8A16, torch.ao dynamic, and a peer that is
-    made to be missing (optimum-quanto), each timed twice, one method per group so grouping runs too."""
+    made to be missing (optimum-quanto), each timed twice, one method per group so grouping runs too. No slow
+    cutoff: at this size the reference path's fixed costs can reach 3x fp32 eager, which would time it once."""
     saved = {name: sys.modules.get(name) for name in ("optimum", "optimum.quanto")}
     sys.modules["optimum"] = sys.modules["optimum.quanto"] = None  # import fails as if not installed
     try:
@@ -55,6 +56,7 @@ def result(tmp_path_factory):
             repeats=2,
             calibration_inputs=2,
             group_size=2,
+            slow_cutoff=None,
         )
         outcome = bench.run_benchmark(settings, command="pytest")
     finally:
@@ -137,9 +139,9 @@ def test_missing_peer_is_a_row(result):
 
 
 def test_every_build_has_its_place_in_the_build_order():
-    from quantdiff.bench.methods import _BUILDERS, BUILD_ORDER
+    from quantdiff.bench.methods import BUILD_ORDER, BUILDERS
 
-    assert sorted(BUILD_ORDER) == sorted({"fp32", *_BUILDERS}) and len(set(BUILD_ORDER)) == len(BUILD_ORDER)
+    assert sorted(BUILD_ORDER) == sorted({"fp32", *BUILDERS}) and len(set(BUILD_ORDER)) == len(BUILD_ORDER)
 
 
 def test_settings_presets_and_errors():
@@ -165,7 +167,7 @@ def test_settings_presets_and_errors():
 
 def test_published_configs_build_on_meta():
     # Parameter counts of the published configs, without allocating them.
-    counts = {name: bench._param_count(bench.DENOISERS[name]) for name in ("sd15", "sdxl", "sd3")}
+    counts = {name: bench.parameter_count(bench.DENOISERS[name]) for name in ("sd15", "sdxl", "sd3")}
     assert 855e6 < counts["sd15"] < 865e6 and 2.55e9 < counts["sdxl"] < 2.58e9 and 2.02e9 < counts["sd3"] < 2.04e9
 
 
@@ -261,26 +263,21 @@ def test_weight_bytes_counts_every_torch_ao_packed_layer():
 def test_a_killed_case_keeps_the_groups_it_timed():
     """The case child checkpoints its rows after every timed group; when it dies (e.g. killed for memory),
     the rows of those groups are kept with their ratios and only the methods not timed yet fail."""
-    from quantdiff.bench.denoisers import DENOISERS
-    from quantdiff.bench.runner import _availability, _CaseRunner, _salvaged_rows
+    from quantdiff.bench.runner import measure_case, salvaged_rows
 
     settings = bench.make_settings(
         models=["tiny-sd15"], methods=["qd-w8a8", "qd-w8a16"], repeats=1, calibration_inputs=1, group_size=1
     )
-    spec, latent = DENOISERS["tiny-sd15"], settings.latents["tiny-sd15"][0]
+    spec, latent = bench.DENOISERS["tiny-sd15"], settings.latents["tiny-sd15"][0]
     checkpoints = []
-    with torch.no_grad():
-        runner = _CaseRunner(
-            spec, latent, settings, _availability(settings), lambda line: None, lambda: 0.0, 0, checkpoints.append
-        )
-        final, case = runner.run()
+    final, case = measure_case("tiny-sd15", latent, settings, checkpoint=checkpoints.append)
     assert len(checkpoints) == case["groups"] == 2
     first = {row.method: row for row in checkpoints[0]}
     assert set(first) == {"fp32", "qd-w8a8"}  # qd-w8a16 was not built yet
     final_by_name = {row.method: row for row in final}
     assert first["qd-w8a8"].speedup_vs_fp32 == pytest.approx(final_by_name["qd-w8a8"].speedup_vs_fp32, rel=1e-12)
 
-    salvaged = _salvaged_rows(spec, latent, settings, checkpoints[0], "the case failed: killed")
+    salvaged = salvaged_rows(spec, latent, settings, checkpoints[0], "the case failed: killed")
     by_name = {row.method: row for row in salvaged}
     assert [row.method for row in salvaged] == list(settings.methods)
     assert by_name["qd-w8a8"].status == "ok" and by_name["qd-w8a8"].median_s > 0

@@ -11,8 +11,8 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
+from quantdiff.demo.digits.evaluator import adherence, load_evaluator, predict
 from quantdiff.evaluate import generate_set
-from quantdiff.evaluation.evaluator import adherence, load_evaluator, predict
 from quantdiff.evaluation.prompt_sets import read_calibration_prompts, read_evaluation_set
 from quantdiff.pipelines.bundled import TRAINED, resolve_model
 

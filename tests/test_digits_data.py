@@ -7,8 +7,8 @@ import random
 import numpy as np
 import pytest
 
-from quantdiff.evaluation import digits as D
-from quantdiff.evaluation.digits import (
+from quantdiff.demo.digits import data as D
+from quantdiff.demo.digits.data import (
     CAPTION_TEMPLATES,
     COLOUR_PAIRS,
     COLOURS,

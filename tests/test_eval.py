@@ -11,18 +11,18 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from quantdiff.cli import main
+from quantdiff.demo.digits.data import DigitSpec
+from quantdiff.demo.digits.prompts import digits_prompt_sets
+from quantdiff.demo.digits.training.sd import build_components
 from quantdiff.errors import QuantDiffError
 from quantdiff.evaluate import EvalSettings, make_grid
-from quantdiff.evaluation.digits import DigitSpec
 from quantdiff.evaluation.prompt_sets import (
     EvalPrompt,
     EvaluationSet,
-    digits_prompt_sets,
     read_calibration_prompts,
     read_evaluation_set,
     write_prompt_sets,
 )
-from quantdiff.training.digits_sd import build_components
 
 
 @pytest.fixture(scope="module")

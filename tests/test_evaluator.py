@@ -9,25 +9,22 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from quantdiff.evaluation import (
-    COLOURS,
+from quantdiff.demo.digits.data import COLOURS, heldout_combinations, make_dataset
+from quantdiff.demo.digits.evaluator import (
     DigitsEvaluator,
     EvaluatorConfig,
     adherence,
     digits_inception_score,
     fid_digits,
-    fid_from_features,
     head_accuracies,
-    heldout_combinations,
     images_to_tensor,
-    inception_score,
     load_evaluator,
-    make_dataset,
     predict,
     read_metadata,
     save_evaluator,
+    shipped_evaluator_path,
 )
-from quantdiff.evaluation.evaluator import shipped_evaluator_path
+from quantdiff.evaluation import fid_from_features, inception_score
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The torch._int_mm integer path (quantdiff.nn.int_mm): the GPU path's math, checked on the CPU.
+"""The torch._int_mm integer path (quantdiff.nn.kernels.int_mm): the GPU path's math, checked on the CPU.
 
 ``torch._int_mm`` has a CPU reference kernel, so every test here runs without a GPU; the one that needs
 CUDA skips elsewhere. Against the fake-quant reference per layer (tiny and SD-sized shapes), the exactness
@@ -14,8 +14,9 @@ from quantized_layers import quantized_like
 from torch import nn
 
 from quantdiff.nn import QuantizedLinear, use_integer_kernels, use_reference
-from quantdiff.nn.int_mm import Int8MatmulKernel
+from quantdiff.nn.kernels import Int8MatmulKernel
 from quantdiff.pipelines.loading import denoiser_of, load_pipeline
+from quantdiff.plan import LayerPlan
 from quantdiff.primitives import quantize, sqnr_db
 from quantdiff.quantize import quantize_denoiser
 from quantdiff.recipe import PRESETS, Recipe, TensorSpec
@@ -95,7 +96,7 @@ def test_bf16_inputs_return_bf16_and_the_others_keep_the_reference_path():
         decision = module.set_execution("integer", backend="int_mm")
         assert decision.path == "reference" and reason in decision.reason, decision.reason
         assert module.weight_q is not None and module.kernel_bytes == 0
-    weight_only = QuantizedLinear((32, 64), True, PRESETS["w8a16"].weights, None)
+    weight_only = QuantizedLinear(LayerPlan("l", "Linear", (32, 64), True, PRESETS["w8a16"].weights, None, "test"))
     assert "weight-only" in weight_only.set_execution("integer", backend="int_mm").reason
     with pytest.raises(ValueError, match="backend 'cuda' is unknown"):
         weight_only.set_execution("integer", backend="cuda")

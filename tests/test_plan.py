@@ -7,6 +7,7 @@ import json
 import pytest
 from torch import nn
 
+from quantdiff.errors import RecipeError
 from quantdiff.pipelines.architectures import ARCHITECTURES, architecture_of
 from quantdiff.pipelines.loading import denoiser_of, load_pipeline
 from quantdiff.plan import QuantPlan, resolve_plan
@@ -85,3 +86,39 @@ def test_default_ignore_lists_match_real_layers(tiny_folders, arch):
     for rule in ARCHITECTURES[arch].default_ignore:
         assert any(__import__("fnmatch").fnmatchcase(name, rule.pattern) for name in skipped), rule.pattern
     assert len(plan.quantized) > len(skipped)
+
+
+def test_exact_layer_entries_come_first_and_round_trip(unet, tmp_path):
+    """A machine-made plan as a recipe: one exact entry per layer, ahead of every glob rule."""
+    names = [layer.name for layer in resolve_plan(unet, PRESETS["w8a8"], ARCHITECTURES["sd15"]).quantized]
+    entries = {name: LayerOverride(name, weights={"bits": 4 + (i % 2) * 4}) for i, name in enumerate(names)}
+    entries["conv_in"] = LayerOverride("conv_in", weights={"bits": 8})  # default-ignored: an exact entry wins
+    entries[names[1]] = LayerOverride(names[1], skip=True)
+    recipe = Recipe(
+        "mixed",
+        PRESETS["w8a8"].weights,
+        PRESETS["w8a8"].activations,
+        overrides=(LayerOverride("*", weights={"bits": 2}),),
+        layers=entries,
+    )
+    plan = resolve_plan(unet, recipe, ARCHITECTURES["sd15"])
+    assert plan[names[0]].weights.bits == 4 and plan[names[2]].weights.bits == 4 and plan[names[3]].weights.bits == 8
+    assert not plan[names[1]].quantized and plan[names[1]].reason == "layer entry (skip)"
+    assert plan["conv_in"].weights.bits == 8 and plan["conv_in"].reason == "layer entry"
+    assert plan["conv_out"].weights.bits == 2  # no entry: the glob rules apply after the entries
+    assert plan["conv_out"].reason == "override '*'"
+    data = json.loads(json.dumps(recipe.to_dict()))
+    assert data["_version"] == 3 and data["layers"][names[0]] == {
+        "skip": False,
+        "weights": {"bits": 4},
+        "activations": {},
+    }
+    assert Recipe.from_dict(data) == recipe
+    with pytest.warns(UserWarning, match="1 exact layer entry name no Linear / Conv2d layer.*'not.a.layer'"):
+        resolve_plan(
+            unet,
+            Recipe("x", PRESETS["w8a8"].weights, None, layers={"not.a.layer": LayerOverride("not.a.layer")}),
+            ARCHITECTURES["sd15"],
+        )
+    with pytest.raises(RecipeError, match="mapping of skip / weights / activations"):
+        Recipe.from_dict({**data, "layers": {names[0]: {"pattern": "*"}}})

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantdiff.nn.quantized import QuantizedConv2d, QuantizedLinear, dequantize_weight, quantize_weight
+from quantdiff.nn import QuantizedConv2d, QuantizedLinear, dequantize_weight, quantize_weight
 from quantdiff.plan import LayerPlan
 from quantdiff.primitives import compute_qparams, fake_quantize, sqnr_db
 from quantdiff.recipe import PRESETS, TensorSpec

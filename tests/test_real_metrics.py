@@ -154,7 +154,7 @@ PROMPTS = ["a red fox in the snow", "a blue car on a road", "a green apple", "a 
 def clip_folder(tmp_path_factory):
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
-    from quantdiff.pipelines.tiny import build_clip_tokenizer
+    from quantdiff.testing.tokenizers import build_clip_tokenizer
 
     torch.manual_seed(0)
     tokenizer = build_clip_tokenizer(PROMPTS, min_frequency=1, model_max_length=16)

@@ -17,7 +17,7 @@ from diffusers import DiffusionPipeline
 from torch.utils.flop_counter import FlopCounterMode
 
 import quantdiff
-from quantdiff.pipelines.tiny import TINY_ARCHITECTURES, build_tiny_pipeline, save_tiny_pipeline
+from quantdiff.testing.tiny import TINY_ARCHITECTURES, build_tiny_pipeline, save_tiny_pipeline
 
 # Image side each pipeline generates when called without height/width.
 DEFAULT_SIZE = {"sd15": 64, "sdxl": 64, "sd3": 64, "pixart": 256}
@@ -132,7 +132,7 @@ def test_same_seed_gives_byte_identical_folders_in_another_process(saved, tmp_pa
     # Catches anything that depends on per-process state, such as string hashing or set order.
     script = (
         "import sys\n"
-        "from quantdiff.pipelines.tiny import TINY_ARCHITECTURES, save_tiny_pipeline\n"
+        "from quantdiff.testing.tiny import TINY_ARCHITECTURES, save_tiny_pipeline\n"
         "for arch in TINY_ARCHITECTURES:\n"
         "    save_tiny_pipeline(arch, f'{sys.argv[1]}/{arch}')\n"
     )

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from quantdiff.demo.digits.training.common import caption_vocabulary
+from quantdiff.demo.digits.training.sd import DigitsSDConfig, build_components, train_digits_sd
+from quantdiff.demo.digits.training.sd3 import DigitsSD3Config, train_digits_sd3
 from quantdiff.pipelines.loading import load_pipeline
-from quantdiff.training.common import caption_vocabulary
-from quantdiff.training.digits_sd import DigitsSDConfig, build_components, train_digits_sd
-from quantdiff.training.digits_sd3 import DigitsSD3Config, train_digits_sd3
 
 
 def test_caption_tokenizer_has_one_token_per_word():

@@ -32,9 +32,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
+from quantdiff.demo.digits.data import render_specs
+from quantdiff.demo.digits.evaluator import adherence, load_evaluator, predict
 from quantdiff.errors import QuantDiffError
-from quantdiff.evaluation.digits import render_specs
-from quantdiff.evaluation.evaluator import adherence, load_evaluator, predict
 from quantdiff.evaluation.metrics import fid_from_features, inception_score, psnr, ssim
 from quantdiff.evaluation.prompt_sets import EvalPrompt, EvaluationSet, read_evaluation_set
 from quantdiff.generate import describe_execution, load_any_pipeline, step_callback_kwargs

@@ -1,30 +1,40 @@
-"""Post-training quantization of a denoiser: plan -> observe -> convert.
+"""Post-training quantization of a denoiser: plan -> prepare -> algorithms -> observe -> convert.
 
-The three steps, each usable alone:
+The steps, each usable alone:
 
 1. :func:`~quantdiff.plan.resolve_plan` turns a recipe into a per-layer plan;
-2. :func:`observe_inputs` replays calibration data through the *floating-point* denoiser with forward
-   pre-hooks on the planned layers, feeding each layer's input to its observer, and returns static
-   input scales (skipped for weight-only recipes);
-3. :func:`convert` swaps each planned layer for a :mod:`quantdiff.nn.quantized` module holding integer
-   weights and the input scale.
+2. :func:`prepare` swaps each planned layer for a :mod:`quantdiff.nn.quantized` module that still holds the
+   floating-point weight and computes in floating point (what algorithms work on);
+3. :func:`run_algorithms` runs the recipe's algorithms of one :class:`~quantdiff.algorithms.base.Stage`;
+4. :func:`observe_inputs` replays calibration data and feeds each layer's input, at the point where it is
+   quantized, to its observer; it returns static input scales (skipped for weight-only recipes);
+5. :func:`convert` stores integer weights (rounded to nearest, or as a weight-rounding algorithm chose) and
+   the input scales, and drops the floating-point weights.
 
-:func:`quantize_denoiser` runs all three and attaches a :class:`QuantizationInfo` to the denoiser, which
-``save_quantized`` stores next to the weights.
+:func:`quantize_denoiser` runs them in this order::
+
+    resolve_plan, prepare, [float-model algorithms], observe_inputs, [calibration algorithms],
+    [weight-rounding algorithms], convert, [converted algorithms]
+
+and attaches a :class:`QuantizationInfo` to the denoiser, which ``save_quantized`` stores next to the weights.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 from tqdm.auto import tqdm
 
+from quantdiff.algorithms.base import AlgorithmConfig, QuantizationContext, Stage
 from quantdiff.calibration.dataset import CalibrationSet
+from quantdiff.calibration.taps import Taps
+from quantdiff.calibration.timestep import attach_step_clock
 from quantdiff.errors import CalibrationError
-from quantdiff.nn.quantized import QUANTIZED_CLASSES, QuantizedLayer
+from quantdiff.nn.quantized import QUANTIZED_CLASSES, InputQParams, QuantizedLayer
+from quantdiff.nn.weights import QuantizedWeight
 from quantdiff.observers import Observer, make_observer
 from quantdiff.pipelines.architectures import Architecture, architecture_of
 from quantdiff.plan import QuantPlan, resolve_plan
@@ -39,9 +49,9 @@ class QuantizationInfo:
 
     Attributes:
         architecture: the denoiser family.
-        recipe: the recipe the plan was resolved from.
-        plan: the resolved per-layer plan.
-        calibration: settings of the calibration data used (``None`` for weight-only recipes).
+        recipe: the recipe the plan was resolved from (its algorithms included).
+        plan: the per-layer plan as the model stores it (algorithms' extras included).
+        calibration: settings of the calibration data used (``None`` when none was needed).
     """
 
     architecture: Architecture
@@ -50,33 +60,42 @@ class QuantizationInfo:
     calibration: Mapping[str, Any] | None
 
 
+def prepare(denoiser: nn.Module, plan: QuantPlan) -> None:
+    """Swap every quantized layer of ``plan`` for its prepared module (floating-point weight kept), in place.
+
+    The model computes exactly what it computed before; layers already prepared are left as they are.
+    """
+    for layer in plan.quantized:
+        module = denoiser.get_submodule(layer.name)
+        if isinstance(module, QuantizedLayer):
+            continue
+        denoiser.set_submodule(layer.name, QUANTIZED_CLASSES[layer.layer_type].prepared(module, layer))
+
+
 def observe_inputs(
     denoiser: nn.Module, plan: QuantPlan, calibration: CalibrationSet, *, progress: bool = True
-) -> dict[str, tuple[Tensor, Tensor]]:
-    """Static input ``(scale, zero_point)`` of every planned layer that quantizes its input.
+) -> dict[str, InputQParams]:
+    """Static input quantization of every planned layer that quantizes its input.
 
-    The denoiser must still be in floating point: ranges are observed on the inputs the FP model
-    produces, as in standard PTQ.
+    Ranges are observed on the inputs the model produces in floating point (standard PTQ): on a prepared
+    model at the point where each layer quantizes (after its input pre-scale), on a plain floating-point
+    model at each layer's input.
     """
     observers: dict[str, Observer] = {}
-    handles = []
-    for layer in plan.quantized:
-        if layer.activations is None:
-            continue
-        spec = layer.activations
-        observer = make_observer(spec.observer, spec.bits, spec.symmetric, **dict(spec.observer_options))
-        observers[layer.name] = observer
-        handles.append(denoiser.get_submodule(layer.name).register_forward_pre_hook(_feeder(observer)))
-    try:
+    with Taps(denoiser) as taps:
+        for layer in plan.quantized:
+            if layer.activations is None:
+                continue
+            spec = layer.activations
+            observer = make_observer(spec.observer, spec.bits, spec.symmetric, **dict(spec.observer_options))
+            observers[layer.name] = observer
+            taps.on_layer_input(layer.name, _feeder(observer))
         for _ in calibration.replay(denoiser, progress=progress, desc="observe activations"):
             pass
-    finally:
-        for handle in handles:
-            handle.remove()
     qparams = {}
     for name, observer in observers.items():
         try:
-            qparams[name] = observer.qparams()
+            qparams[name] = InputQParams(*observer.qparams())
         except RuntimeError:
             raise CalibrationError(
                 f"layer {name!r} never ran during calibration, so its input range is unknown: "
@@ -86,47 +105,61 @@ def observe_inputs(
 
 
 def _feeder(observer: Observer):
-    def hook(module: nn.Module, args: tuple) -> None:
-        observer.update(args[0].detach().float().reshape(1, -1))  # (1, numel): one per-tensor range
+    def feed(x) -> None:
+        observer.update(x.detach().float().reshape(1, -1))  # (1, numel): one per-tensor range
 
-    return hook
+    return feed
 
 
 def convert(
     denoiser: nn.Module,
     plan: QuantPlan,
-    input_qparams: Mapping[str, tuple[Tensor, Tensor]] | None = None,
+    input_qparams: Mapping[str, tuple] | None = None,
+    rounded_weights: Mapping[str, QuantizedWeight] | None = None,
     *,
     progress: bool = True,
 ) -> None:
-    """Swap every quantized layer of ``plan`` for its integer module, in place.
+    """Give every quantized layer of ``plan`` its integer weight and input scale, in place.
 
     Args:
-        denoiser: the floating-point denoiser.
-        plan: its resolved plan.
-        input_qparams: per-layer static input ``(scale, zero_point)`` from :func:`observe_inputs`;
-            required for every layer whose plan quantizes activations.
+        denoiser: the denoiser, prepared (:func:`prepare`) or still plain floating point (then each
+            planned layer is swapped here).
+        plan: its plan.
+        input_qparams: per-layer input ``(scale, zero_point)`` from :func:`observe_inputs`; required for
+            every layer whose plan quantizes activations.
+        rounded_weights: integer weights chosen by an algorithm; other layers are rounded to nearest.
         progress: show a progress bar.
     """
     input_qparams = input_qparams or {}
+    rounded_weights = rounded_weights or {}
+    prepare(denoiser, plan)
     for layer in tqdm(plan.quantized, desc="quantize weights", disable=not progress, leave=False):
-        original = denoiser.get_submodule(layer.name)
-        quantized = QUANTIZED_CLASSES[layer.layer_type].like(original, layer)
-        quantized.set_weight(original.weight)
-        if original.bias is not None:
-            quantized.bias.data.copy_(original.bias.detach().float())
-        if layer.activations is not None:
-            if layer.name not in input_qparams:
-                raise CalibrationError(f"no input scale for layer {layer.name!r}: calibrate before converting")
-            quantized.set_input_qparams(*input_qparams[layer.name])
-        denoiser.set_submodule(layer.name, quantized)
+        module = denoiser.get_submodule(layer.name)
+        qparams = input_qparams.get(layer.name)
+        module.convert(rounded_weights.get(layer.name), None if qparams is None else InputQParams(*qparams))
+    if plan.needs_timestep:
+        attach_step_clock(denoiser)
 
 
 def build_skeleton(denoiser: nn.Module, plan: QuantPlan) -> None:
-    """Swap planned layers for *empty* quantized modules (on the layers' device), to load stored tensors."""
+    """Swap planned layers for *empty* converted modules (on the layers' device), every tensor the plan
+    declares included, to load stored tensors into."""
     for layer in plan.quantized:
         original = denoiser.get_submodule(layer.name)
         denoiser.set_submodule(layer.name, QUANTIZED_CLASSES[layer.layer_type].like(original, layer))
+    if plan.needs_timestep:
+        attach_step_clock(denoiser)
+
+
+def run_algorithms(context: QuantizationContext, algorithms: Sequence[AlgorithmConfig], stage: Stage) -> None:
+    """Run the ``algorithms`` of ``stage``, in their order, on ``context``."""
+    context.stage = stage
+    try:
+        for algorithm in algorithms:
+            if algorithm.STAGE is stage:
+                algorithm.apply(context)
+    finally:
+        context.stage = None
 
 
 def quantize_denoiser(
@@ -142,26 +175,36 @@ def quantize_denoiser(
         denoiser: a floating-point ``UNet2DConditionModel``, ``SD3Transformer2DModel`` or
             ``PixArtTransformer2DModel``.
         recipe: a :class:`Recipe`, a preset name or a recipe file path.
-        calibration: recorded inputs of this denoiser; required when the recipe quantizes activations.
+        calibration: recorded inputs of this denoiser; required when the recipe quantizes activations
+            or runs an algorithm that replays them.
         progress: show progress bars.
+
+    On an error the denoiser may be left half-way (prepared layers): load the floating-point model again.
     """
     recipe = load_recipe(recipe)
     if any(isinstance(module, QuantizedLayer) for module in denoiser.modules()):
         raise CalibrationError("this denoiser is already quantized: load the floating-point model again")
-    architecture = architecture_of(denoiser)
-    plan = resolve_plan(denoiser, recipe, architecture)
-    input_qparams: dict[str, tuple[Tensor, Tensor]] = {}
-    if plan.needs_calibration:
+    if recipe.needs_calibration:
         if calibration is None or len(calibration) == 0:
+            why = "quantizes activations" if recipe.activations is not None else "runs algorithms that replay it"
             raise CalibrationError(
-                f"recipe {recipe.name!r} ({recipe.label}) quantizes activations, which needs calibration data: "
+                f"recipe {recipe.name!r} ({recipe.label}) {why}, which needs calibration data: "
                 "pass --calib DIR (from `quantdiff calibrate`) or --prompts FILE"
             )
         calibration.check_matches(denoiser)
-        input_qparams = observe_inputs(denoiser, plan, calibration, progress=progress)
-    convert(denoiser, plan, input_qparams, progress=progress)
-    used_calibration = calibration.info if plan.needs_calibration and calibration is not None else None
-    info = QuantizationInfo(architecture, recipe, plan, used_calibration)
+    architecture = architecture_of(denoiser)
+    plan = resolve_plan(denoiser, recipe, architecture)
+    prepare(denoiser, plan)
+    context = QuantizationContext(denoiser, plan, architecture, calibration, progress)
+    run_algorithms(context, recipe.algorithms, Stage.FLOAT_MODEL)
+    if context.plan.needs_calibration:
+        context.input_qparams = observe_inputs(denoiser, context.plan, calibration, progress=progress)
+    run_algorithms(context, recipe.algorithms, Stage.CALIBRATION)
+    run_algorithms(context, recipe.algorithms, Stage.WEIGHT_ROUNDING)
+    convert(denoiser, context.plan, context.input_qparams, context.rounded_weights, progress=progress)
+    run_algorithms(context, recipe.algorithms, Stage.CONVERTED)
+    used_calibration = calibration.info if recipe.needs_calibration and calibration is not None else None
+    info = QuantizationInfo(architecture, recipe, context.plan, used_calibration)
     setattr(denoiser, INFO_ATTRIBUTE, info)
     return info
 

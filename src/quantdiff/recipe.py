@@ -14,26 +14,39 @@ Serialized recipes carry ``"_type"`` and ``"_version"`` so that a later quantdif
 Unknown keys and impossible values raise :class:`~quantdiff.errors.RecipeError` with a message that names
 the key and says what to change.
 
-Format versions: 1 is the original field set. 2 adds the weight option ``pair_safe``. A recipe is written
-with the *lowest* version that can express it (1 unless some spec is pair-safe, and ``pair_safe`` is only
-written when true), so files that do not use the option stay readable by quantdiff releases that only know
-version 1, and files that do use it are refused there with "upgrade quantdiff" instead of an unknown key.
+Format versions (:data:`RECIPE_FEATURES`): 1 is the original field set; 2 adds the weight option
+``pair_safe``; 3 adds ``algorithms`` (the ordered algorithm configs, see :mod:`quantdiff.algorithms`) and
+``layers`` (exact per-layer entries). A recipe is written with the *lowest* version that can express it
+(:mod:`quantdiff.versioning`: optional fields are only written when they are not their default), so files
+that do not use a newer field stay readable by quantdiff releases that only know an older version, and files
+that do use one are refused there with "upgrade quantdiff" instead of an unknown key.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import torch
+
+from quantdiff.algorithms.base import AlgorithmConfig, algorithm_from_dict, check_algorithm_order
 from quantdiff.errors import RecipeError
 from quantdiff.observers import OBSERVERS, make_observer
+from quantdiff.versioning import Feature, check_version, lowest_version
 
-RECIPE_VERSION = 2  # the newest format this quantdiff reads; see the module docstring
+RECIPE_VERSION = 3  # the newest format this quantdiff reads; see the module docstring
+RECIPE_FEATURES = (
+    Feature("weights.pair_safe", 2, "pair-safe weights"),
+    Feature("overrides.*.weights.pair_safe", 2, "pair-safe weights"),
+    Feature("algorithms", 3, "algorithms"),
+    Feature("layers", 3, "exact per-layer entries"),
+)
 
 GRANULARITIES = ("tensor", "channel", "group")
 SUPPORTED_LAYER_TYPES = ("Linear", "Conv2d")
@@ -115,6 +128,29 @@ class TensorSpec:
         """Whether stored values are packed two per byte (4 bits or fewer)."""
         return self.bits <= 4
 
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        """dtype of stored weight integers: int8 when symmetric and unpacked, else uint8."""
+        return torch.int8 if self.symmetric and not self.packed else torch.uint8
+
+    def storage_shape(self, c_out: int, k: int) -> tuple[int, int]:
+        """Shape of a stored ``(C_out, K)`` weight: ``(C_out, ceil(K / 2))`` when packed."""
+        return (c_out, math.ceil(k / 2)) if self.packed else (c_out, k)
+
+    def scale_shape(self, c_out: int, k: int) -> tuple[int, int]:
+        """Shape of a ``(C_out, K)`` weight's scales (and zero points): ``(rows of scales, groups per row)``."""
+        if self.granularity == "tensor":
+            return 1, 1
+        if self.granularity == "channel":
+            return c_out, 1
+        return c_out, math.ceil(k / self.group_size)
+
+    def padded_reduction_size(self, k: int) -> int:
+        """``K`` rounded up to whole groups for group-wise specs (the layout scales are computed on)."""
+        if self.granularity == "group":
+            return math.ceil(k / self.group_size) * self.group_size
+        return k
+
     def describe(self) -> str:
         """Short human form, e.g. ``int8 sym channel minmax`` or ``int4 sym group128 mse``."""
         granularity = f"group{self.group_size}" if self.granularity == "group" else self.granularity
@@ -188,7 +224,7 @@ class LayerOverride:
 
 @dataclass(frozen=True)
 class Recipe:
-    """A named quantization job: default weight and activation specs plus per-layer rules.
+    """A named quantization job: default weight and activation specs, per-layer rules and algorithms.
 
     Attributes:
         name: shown in reports and stored with the quantized model.
@@ -200,6 +236,11 @@ class Recipe:
         use_default_ignore: apply the architecture's documented default ignore list.
         overrides: per-layer exceptions, first match wins; they take precedence over both ignore lists.
         layer_types: module types that are quantized.
+        layers: exact per-layer entries, by the layer's full name: what machine-made plans (hundreds of
+            layers with individual bits) are written as. Each is a :class:`LayerOverride` whose pattern is
+            the exact name; they take precedence over everything else.
+        algorithms: algorithm configs (:mod:`quantdiff.algorithms`), run in this order; the order must
+            follow the algorithms' stages (float model, calibration, weight rounding, converted).
     """
 
     name: str
@@ -209,6 +250,8 @@ class Recipe:
     use_default_ignore: bool = True
     overrides: tuple[LayerOverride, ...] = ()
     layer_types: tuple[str, ...] = SUPPORTED_LAYER_TYPES
+    layers: Mapping[str, LayerOverride] = field(default_factory=dict)
+    algorithms: tuple[AlgorithmConfig, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -227,6 +270,27 @@ class Recipe:
             )
         for override in self.overrides:  # resolve once so a bad override fails here, not mid-quantization
             self.specs_for(override)
+        layers = {}
+        for name, entry in dict(self.layers).items():
+            if not isinstance(entry, LayerOverride) or entry.pattern != name:
+                raise RecipeError(f"layers[{name!r}] must be a LayerOverride whose pattern is the layer name itself")
+            self.specs_for(entry)
+            layers[name] = entry
+        object.__setattr__(self, "layers", MappingProxyType(layers))
+        object.__setattr__(self, "algorithms", tuple(self.algorithms))
+        for algorithm in self.algorithms:
+            if not isinstance(algorithm, AlgorithmConfig):
+                raise RecipeError(f"recipe algorithms must be algorithm configs, got {type(algorithm).__name__}")
+        check_algorithm_order(self.algorithms)
+
+    def __deepcopy__(self, memo) -> Recipe:
+        return self  # immutable, and its read-only mappings cannot be deep-copied
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether quantizing with this recipe needs calibration data (static input scales, or an algorithm
+        that replays recorded inputs)."""
+        return self.activations is not None or any(a.NEEDS_CALIBRATION for a in self.algorithms)
 
     @property
     def label(self) -> str:
@@ -262,13 +326,10 @@ class Recipe:
     @property
     def format_version(self) -> int:
         """The lowest recipe format version that can express this recipe (see the module docstring)."""
-        specs = [self.weights, self.activations, *(self.specs_for(override)[0] for override in self.overrides)]
-        return 2 if any(spec is not None and spec.pair_safe for spec in specs) else 1
+        return lowest_version(self._fields_dict(), RECIPE_FEATURES)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "_type": "Recipe",
-            "_version": self.format_version,
+    def _fields_dict(self) -> dict[str, Any]:
+        data = {
             "name": self.name,
             "weights": self.weights.to_dict(),
             "activations": None if self.activations is None else self.activations.to_dict(),
@@ -277,6 +338,15 @@ class Recipe:
             "overrides": [override.to_dict() for override in self.overrides],
             "layer_types": list(self.layer_types),
         }
+        if self.layers:  # optional fields are written only when used: see the module docstring
+            data["layers"] = {name: _entry_dict(entry) for name, entry in self.layers.items()}
+        if self.algorithms:
+            data["algorithms"] = [algorithm.to_dict() for algorithm in self.algorithms]
+        return data
+
+    def to_dict(self) -> dict[str, Any]:
+        data = self._fields_dict()
+        return {"_type": "Recipe", "_version": lowest_version(data, RECIPE_FEATURES), **data}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Recipe:
@@ -288,11 +358,10 @@ class Recipe:
         if kind != "Recipe":
             raise RecipeError(f"expected a Recipe, got _type={kind!r}")
         version = data.pop("_version", RECIPE_VERSION)
-        if not isinstance(version, int) or version > RECIPE_VERSION:
-            raise RecipeError(
-                f"recipe format version {version!r} is newer than this quantdiff understands "
-                f"({RECIPE_VERSION}): upgrade quantdiff"
-            )
+        try:
+            check_version(data, version, RECIPE_VERSION, RECIPE_FEATURES, "the recipe")
+        except ValueError as error:
+            raise RecipeError(str(error)) from None
         _check_keys(data, cls, "recipe")
         for required in ("name", "weights"):
             if required not in data:
@@ -305,7 +374,32 @@ class Recipe:
         if data["activations"] is not None:
             data["activations"] = TensorSpec.from_dict(data["activations"], "activations")
         data["overrides"] = tuple(LayerOverride.from_dict(item) for item in data.get("overrides", ()))
+        layers = data.get("layers", {})
+        if not isinstance(layers, Mapping):
+            raise RecipeError("recipe 'layers' must map exact layer names to entries (skip / weights / activations)")
+        data["layers"] = {name: _entry_from_dict(name, entry) for name, entry in layers.items()}
+        algorithms = data.get("algorithms", ())
+        if not isinstance(algorithms, (list, tuple)):
+            raise RecipeError("recipe 'algorithms' must be a list of algorithm configs, each with a '_type'")
+        data["algorithms"] = tuple(
+            algorithm_from_dict(item, f"algorithms[{index}]") for index, item in enumerate(algorithms)
+        )
         return cls(**data)
+
+
+def _entry_dict(entry: LayerOverride) -> dict[str, Any]:
+    """An exact per-layer entry as written in ``layers``: the override's fields without the pattern (the key)."""
+    data = entry.to_dict()
+    del data["pattern"]
+    return data
+
+
+def _entry_from_dict(name: str, entry: Any) -> LayerOverride:
+    if not isinstance(entry, Mapping) or "pattern" in entry:
+        raise RecipeError(
+            f"layers[{name!r}] must be a mapping of skip / weights / activations (the key is the layer name)"
+        )
+    return LayerOverride.from_dict({"pattern": name, **entry})
 
 
 def _check_activation_spec(spec: TensorSpec, where: str) -> None:

@@ -48,7 +48,7 @@ from typing import Any
 
 from safetensors import safe_open
 
-from quantdiff.nn.quantized import use_integer_kernels
+from quantdiff.nn.execution import use_integer_kernels
 from quantdiff.pipelines.loading import read_pipeline_folder
 from quantdiff.plan import QuantPlan, resolve_plan
 from quantdiff.quantize import build_skeleton
@@ -134,6 +134,7 @@ def _report(path, quantized: bool, plan: QuantPlan, recipe, architecture, denois
                 "fp32_bytes": params * 4,
                 "stored_bytes": sum(math.prod(shape) * size for shape, size, _ in own.values()),
                 "reason": layer.reason,
+                "extras": {extra: dict(params) for extra, params in layer.extras.items()},
             }
         )
     params = sum(entry["params"] for entry in layers if entry["name"] in quantized_names)
@@ -158,6 +159,7 @@ def _report(path, quantized: bool, plan: QuantPlan, recipe, architecture, denois
         "quantized": quantized,
         "recipe": recipe.name if recipe is not None else None,
         "label": recipe.label if recipe is not None else None,
+        "algorithms": [algorithm.describe() for algorithm in recipe.algorithms] if recipe is not None else [],
         "architecture": architecture,
         "denoiser_class": denoiser_class,
         "layers": layers,
@@ -208,6 +210,7 @@ def format_totals(report: dict[str, Any]) -> str:
     lines = [
         title,
         f"layers: {totals['quantized_layers']} of {totals['layers']} Linear/Conv2d quantized",
+        *([f"algorithms: {', '.join(report['algorithms'])}"] if report.get("algorithms") else []),
         f"parameters: {totals['params']:,}",
         f"denoiser size: fp32 {_bytes(totals['fp32_bytes'])}, fp16 {_bytes(totals['fp16_bytes'])}, "
         f"stored {_bytes(totals['stored_bytes'])} "

@@ -15,13 +15,21 @@ base pipeline (``path``, ``pipeline_class``, ``components_hash`` over its JSON f
 base folder, not copied, unless ``copy_components`` makes the folder self-contained (``base.path`` is
 then ``"."``).
 
-In ``quantized.safetensors`` a quantized layer ``L`` stores ``L.weight_q`` (int8/uint8, or two 4-bit
-values per uint8), ``L.weight_scale``, ``L.weight_zero_point`` (asymmetric weights only),
-``L.input_scale`` / ``L.input_zero_point`` (quantized inputs only) and ``L.bias``; every other tensor of
+Format versions (:data:`FOLDER_FEATURES`): 1 is the original layout; 2 adds layer extras in the plan
+(tensors such as an input pre-scale, a low-rank branch or per-timestep input scales) and recipes with
+algorithms or exact per-layer entries. A folder is written with the lowest version that can express it
+(:mod:`quantdiff.versioning`), so one that uses nothing new stays version 1 and loads in every quantdiff;
+a reader refuses a newer version with "upgrade quantdiff".
+
+In ``quantized.safetensors`` a quantized layer ``L`` stores what its plan entry declares
+(:meth:`quantdiff.plan.LayerPlan.stored_tensors`): ``L.weight_q`` (int8/uint8, or two 4-bit values per
+uint8), ``L.weight_scale``, ``L.weight_zero_point`` (asymmetric weights only), ``L.input_scale`` /
+``L.input_zero_point`` (quantized inputs only), ``L.bias`` and its extras' tensors; every other tensor of
 the denoiser is stored under its own name, in its own dtype.
 
 Loading builds the denoiser's skeleton on the meta device from its config, swaps in empty quantized
-modules per the plan, and assigns the stored tensors; there is no pickle anywhere.
+modules per the plan (every declared tensor), and assigns the stored tensors strictly: names, shapes and
+dtypes must match exactly. There is no pickle anywhere.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from quantdiff.atomic import atomic_directory
-from quantdiff.errors import FormatError
+from quantdiff.errors import FormatError, RecipeError
 from quantdiff.jsonfile import read_json_object
 from quantdiff.nn.quantized import QuantizedLayer
 from quantdiff.pipelines.architectures import ARCHITECTURES
@@ -55,9 +63,15 @@ from quantdiff.plan import QuantPlan
 from quantdiff.quantize import INFO_ATTRIBUTE, QuantizationInfo, build_skeleton, quantization_info
 from quantdiff.recipe import Recipe
 from quantdiff.version import __version__
+from quantdiff.versioning import Feature, check_version, lowest_version
 
 QUANT_METHOD = "quantdiff"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest folder format this quantdiff reads and writes; see the module docstring
+FOLDER_FEATURES = (
+    Feature("plan.*.extras", 2, "layer extras"),
+    Feature("recipe.algorithms", 2, "a recipe with algorithms"),
+    Feature("recipe.layers", 2, "a recipe with exact per-layer entries"),
+)
 CONFIG_NAME = "quantdiff.json"
 WEIGHTS_NAME = "quantized.safetensors"
 
@@ -126,7 +140,7 @@ def save_quantized(
         raise FormatError(f"the denoiser does not come from the base folder '{base.path}' (its config differs)")
     config = {
         "quant_method": QUANT_METHOD,
-        "format_version": FORMAT_VERSION,
+        "format_version": None,  # the lowest that can express the rest: set below
         "quantdiff_version": __version__,
         "base": {
             "path": "." if copy_components else str(base.path),
@@ -144,6 +158,7 @@ def save_quantized(
         "calibration": None if info.calibration is None else dict(info.calibration),
         "plan": info.plan.to_dict(),
     }
+    config["format_version"] = lowest_version(config, FOLDER_FEATURES)
     with atomic_directory(out, overwrite=overwrite) as staging:
         if copy_components:
             for entry in base.path.iterdir():
@@ -168,15 +183,17 @@ def read_quantized_folder(path: str | os.PathLike) -> QuantizedFolder:
     config = read_json_object(config_path, FormatError, "re-run quantize")
     if config.get("quant_method") != QUANT_METHOD:
         raise FormatError(f"{config_path} was not written by quantdiff (quant_method != 'quantdiff')")
-    version = config.get("format_version")
-    if not isinstance(version, int) or version < 1:
-        raise FormatError(f"{config_path} has an invalid format_version {version!r}")
-    if version > FORMAT_VERSION:
-        raise FormatError(
-            f"'{path}' was written in quantdiff format version {version} by quantdiff "
-            f"{config.get('quantdiff_version')}; this quantdiff ({__version__}) reads up to version "
-            f"{FORMAT_VERSION}: upgrade quantdiff"
+    try:
+        check_version(
+            config,
+            config.get("format_version"),
+            FORMAT_VERSION,
+            FOLDER_FEATURES,
+            f"'{path}'",
+            f"quantdiff {config.get('quantdiff_version')}",
         )
+    except ValueError as error:
+        raise FormatError(str(error)) from None
     try:
         denoiser = config["denoiser"]
         info = QuantizationInfo(
@@ -189,6 +206,8 @@ def read_quantized_folder(path: str | os.PathLike) -> QuantizedFolder:
         component, denoiser_class = denoiser["component"], denoiser["class"]
     except (KeyError, TypeError) as error:
         raise FormatError(f"{config_path} is missing {error}: the folder is damaged, re-run quantize") from None
+    except RecipeError as error:
+        raise FormatError(f"{config_path}: {error}") from None
     if not base_path.is_absolute():
         base_path = (folder / base_path).resolve()
     return QuantizedFolder(folder.resolve(), config, info, base_path, component, denoiser_class)

@@ -1,5 +1,5 @@
 """``quantdiff bench``: one denoiser step, fp32 vs quantdiff's integer and reference paths vs the int8 tools a
-user would pick instead, measured side by side in one process.
+user would pick instead, measured side by side in one process; on a GPU, bf16 vs quantdiff W8A8 (see GPU).
 
 Why: research PTQ code quantizes "in simulation" and gets no faster; quantdiff claims integer kernels and
 integer weights (issue 4). This module proves or refutes that on the machine it runs on, against the
@@ -7,7 +7,7 @@ baseline that matters (the faster of fp32 eager and fp32 ``torch.compile``) and 
 the memory and the one-time costs a user pays. Real-size denoisers are built from their published configs
 with random weights: speed and memory depend only on shapes, so nothing is downloaded.
 
-Rows. One row per (model, latent size, method). Methods (:data:`METHODS`):
+Rows. One row per (model, latent size, method). Methods of the CPU suite (:data:`METHODS`; the GPU's: see GPU):
 
 * ``fp32`` / ``fp32-compile``: the baselines. ``fp32`` always runs: it is the reference output (SQNR), the
   source every other method is built from, and the anchor of every timing round.
@@ -81,17 +81,21 @@ One-time cost: ``setup_s`` (quantize / calibrate / export / convert / prepack, b
 ``first_call_s`` (compile included); ``one_time_s`` is their sum.
 
 JSON (:func:`write_json`): ``{"format": "quantdiff-bench", "version": 1, "started", "duration_s",
-"machine": {...}, "settings": {...}, "cases": [...], "rows": [...]}``; each row has the fields of
-:class:`BenchRow`:
+"machine": {...}, "settings": {...}, "cases": [...], "rows": [...]}`` (``machine`` has ``gpu``,
+``gpu_memory_bytes`` and ``cuda`` on CUDA; ``settings`` has ``device`` and ``baseline``; files written before
+those fields read as CPU results); each row has the fields of :class:`BenchRow`:
 
 * ``model`` (str), ``latent`` (int, side of the square latent), ``latent_shape`` ([B, C, H, W]), ``batch``,
   ``method``, ``label``, ``kind`` (``fp32`` | ``quantdiff`` | ``peer``), ``compiled`` (bool);
 * ``status`` (``ok`` | ``failed`` | ``not installed`` | ``skipped``), ``reason`` (one line, "" when ok);
 * ``median_s``, ``min_s``, ``times_s`` (list), ``group`` (int), ``fp32_median_s`` (fp32 eager's median in
   that group), ``speedup_vs_fp32``, ``speedup_vs_best_fp32``, ``best_fp32`` (``fp32`` | ``fp32-compile``);
+  ``bf16_median_s``, ``speedup_vs_bf16``, ``speedup_vs_best_bf16``, ``best_bf16``: the same against bf16 eager
+  (GPU suite; ``null`` on the CPU's);
 * ``weight_bytes``, ``weight_ratio_vs_fp32``, ``stored_bytes`` / ``kernel_bytes`` (quantdiff: ``weight_q``
-  bytes still held, 0 for layers on the integer path, and prepacked bytes), ``compile_added_bytes``, ``held_bytes``, ``peak_rss_bytes``, ``setup_peak_rss_bytes``,
-  ``step_peak_extra_bytes``;
+  bytes still held, 0 for layers on the integer path, and prepacked bytes), ``compile_added_bytes``,
+  ``held_bytes``, ``peak_rss_bytes``, ``setup_peak_rss_bytes``, ``step_peak_extra_bytes``,
+  ``device_peak_bytes`` (CUDA only);
 * ``sqnr_db`` (dB vs fp32 eager on the evaluation input; ``null`` with ``identical_to_fp32: true`` when
   bit-identical), ``setup_s``, ``first_call_s``, ``one_time_s``;
 * ``path`` (``fp32`` | ``inductor`` | ``integer`` | ``reference`` | ``mixed`` | a peer's engine),
@@ -101,37 +105,44 @@ JSON (:func:`write_json`): ``{"format": "quantdiff-bench", "version": 1, "starte
 Numbers are ``null`` where they do not apply (e.g. a failed row). The API changes process-wide torch state
 while it runs: the thread count (restored), dynamo's caches (reset between groups).
 
-GPU: :mod:`quantdiff.bench.gpu` (CLI ``--device cuda``) is the runner for CUDA devices: bf16 against W8A8 on
-the int8 GEMM, its own rows and JSON format (``quantdiff-bench-gpu``), documented there.
+GPU (``device="cuda"``, CLI ``--device cuda``): the same runner, rows and JSON format, with the bf16 baseline
+(``baseline="bf16"``), because on a GPU the baseline a user deploys is bf16, not fp32. Its methods:
+``bf16`` / ``bf16-compile`` / ``bf16-graphs`` (the model in bf16, eager, ``torch.compile`` and
+``torch.compile(mode="reduce-overhead")``: CUDA graphs) and ``qd-w8a8`` / ``-compile`` / ``-graphs`` (preset
+``w8a8`` calibrated in fp32, then cast to bf16 around the int8 layers: Linear and 1x1 Conv2d on the int8 GEMM,
+``torch._int_mm``; 3x3 convolutions keep the reference path, which ``path_detail`` counts). ``bf16`` eager is the
+anchor of every round (the fp32 model is only the SQNR reference: no ``fp32`` row) and its ratios fill
+``bf16_median_s``, ``speedup_vs_bf16``, ``speedup_vs_best_bf16`` (against the fastest of the bf16 rows) and
+``best_bf16`` where the CPU's fill the fp32 ones. Calls are timed with CUDA events; ``device_peak_bytes`` is
+``torch.cuda.max_memory_allocated`` over one step (weights included); the memory budget does not apply. The
+GPU preset: ``sdxl`` and ``sd3`` at 128x128 (1024 px), 10 repeats, 2 warm-up rounds, one group, no freezing;
+the slow cutoff counts in times bf16 eager.
+``make_settings(device="cpu", baseline="bf16")`` runs this suite's code on the CPU (tiny models in the tests;
+its timings mean nothing there). Before the GPU suite joined this runner it had its own JSON format
+(``quantdiff-bench-gpu``); no result of it was ever written.
 """
 
-from quantdiff.bench.denoisers import DENOISERS, DenoiserSpec, build_denoiser, denoiser_inputs
-from quantdiff.bench.denoisers import EVAL_SEED_OFFSET as EVAL_SEED_OFFSET
-from quantdiff.bench.denoisers import EVAL_TIMESTEP as EVAL_TIMESTEP
-from quantdiff.bench.denoisers import _param_count as _param_count
-from quantdiff.bench.denoisers import bench_calibration as bench_calibration
-from quantdiff.bench.denoisers import calibration_timesteps as calibration_timesteps
-from quantdiff.bench.memory import weight_bytes as weight_bytes
+from quantdiff.bench.denoisers import (
+    DENOISERS,
+    EVAL_SEED_OFFSET,
+    EVAL_TIMESTEP,
+    DenoiserSpec,
+    bench_calibration,
+    build_denoiser,
+    denoiser_inputs,
+    parameter_count,
+)
+from quantdiff.bench.memory import weight_bytes
 from quantdiff.bench.methods import METHODS, MethodSpec
 from quantdiff.bench.report import format_table, render_markdown, write_markdown
-from quantdiff.bench.results import FORMAT_NAME as FORMAT_NAME
-from quantdiff.bench.results import FORMAT_VERSION as FORMAT_VERSION
-from quantdiff.bench.results import BenchResult, BenchRow, MachineInfo, machine_info, read_json, write_json
+from quantdiff.bench.results import BenchResult, BenchRow, MachineInfo, read_json, write_json
 from quantdiff.bench.runner import run_benchmark
-from quantdiff.bench.settings import FULL_LATENTS as FULL_LATENTS
-from quantdiff.bench.settings import FULL_METHODS as FULL_METHODS
-from quantdiff.bench.settings import FULL_MODELS as FULL_MODELS
-from quantdiff.bench.settings import QUICK_LATENTS as QUICK_LATENTS
-from quantdiff.bench.settings import QUICK_METHODS as QUICK_METHODS
-from quantdiff.bench.settings import QUICK_MODELS as QUICK_MODELS
-from quantdiff.bench.settings import TINY_LATENT as TINY_LATENT
 from quantdiff.bench.settings import BenchSettings, make_settings
-from quantdiff.bench.settings import resolve_methods as resolve_methods
 
-# The public API. The names imported above with `as` are importable from here too, as they were from the
-# single module this package replaced.
 __all__ = [
     "DENOISERS",
+    "EVAL_SEED_OFFSET",
+    "EVAL_TIMESTEP",
     "METHODS",
     "BenchResult",
     "BenchRow",
@@ -139,14 +150,16 @@ __all__ = [
     "DenoiserSpec",
     "MachineInfo",
     "MethodSpec",
+    "bench_calibration",
     "build_denoiser",
     "denoiser_inputs",
     "format_table",
-    "machine_info",
     "make_settings",
+    "parameter_count",
     "read_json",
     "render_markdown",
     "run_benchmark",
+    "weight_bytes",
     "write_json",
     "write_markdown",
 ]

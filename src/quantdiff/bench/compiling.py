@@ -1,5 +1,5 @@
-"""``torch.compile`` settings of ``quantdiff bench``: inductor config changes a peer makes, dynamo's
-per-model static compiles, and the count of compiled graphs.
+"""``torch.compile`` hygiene of ``quantdiff bench``: inductor config changes a peer makes, the settings every
+compiled call runs under, the count of compiled graphs, freeing compiled graphs, a private kernel cache.
 """
 
 from __future__ import annotations
@@ -7,57 +7,60 @@ from __future__ import annotations
 import contextlib
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 
 
-def _inductor_config():
-    import torch._inductor.config as inductor_config
-
-    return inductor_config
-
-
 @contextlib.contextmanager
-def _record_inductor_changes(changes: dict[str, Any]) -> Iterator[None]:
+def record_inductor_changes(changes: dict[str, Any]) -> Iterator[None]:
     """Undo changes a peer makes to inductor's global config while it quantizes, remembering them in
     ``changes`` so that only its own compile uses them (torchao sets its recommended flags)."""
-    config = _inductor_config()
-    before = config.get_config_copy()
+    import torch._inductor.config as inductor_config
+
+    before = inductor_config.get_config_copy()
     precision = torch.get_float32_matmul_precision()  # torchao sets "high": every method keeps the default
     try:
         yield
     finally:
-        after = config.get_config_copy()
+        after = inductor_config.get_config_copy()
         for key, value in after.items():
             if key in before and before[key] != value:
                 changes[key] = value
-                setattr(config, key, before[key])
+                setattr(inductor_config, key, before[key])
         torch.set_float32_matmul_precision(precision)
 
 
-def _dynamo_settings():
-    """Compile each model as it would compile alone in a fresh process.
+@contextlib.contextmanager
+def compile_settings(inductor_changes: Mapping[str, Any], freezing: bool) -> Iterator[None]:
+    """What every call of a compiled method runs under: its peer's inductor changes, ``freezing``, no FX-graph
+    cache (a cold compile, as a user's first), and dynamo compiling each model as it would alone.
 
     The models of a group share their forward code (one ``UNet2DConditionModel.forward``), so dynamo sees
     each new model as a recompilation of the same frames: it needs cache room for all of them, and its
     automatic-dynamic-shapes rule (and its profile of earlier runs on disk) would otherwise compile the second
     and later models, or a second latent size, with symbolic shapes (measured: 3-4x longer compiles; it also
     broke torchao's tensor-subclass weights). With ``dynamic=False`` at the call, every compile is static.
+    Every call, not only the first: models with graph breaks (diffusers' SD3) share resume frames, and a
+    guard failure on one of them recompiles in the middle of the timing rounds; that compile must be the same
+    kind (frozen, static), or qlinear's lowering fails without freezing.
     """
     import torch._dynamo.config as dynamo_config
+    import torch._inductor.config as inductor_config
 
-    changes: dict[str, Any] = {"automatic_dynamic_shapes": False}
+    dynamo: dict[str, Any] = {"automatic_dynamic_shapes": False}
     if hasattr(dynamo_config, "automatic_dynamic_local_pgo"):  # profiles of earlier runs, kept on disk
-        changes["automatic_dynamic_local_pgo"] = False
-    names = [n for n in ("recompile_limit", "cache_size_limit") if hasattr(dynamo_config, n)]
-    if names:
-        changes[names[0]] = 64
-    return dynamo_config.patch(changes)
+        dynamo["automatic_dynamic_local_pgo"] = False
+    limits = [name for name in ("recompile_limit", "cache_size_limit") if hasattr(dynamo_config, name)]
+    if limits:  # the name changed across torch versions
+        dynamo[limits[0]] = 64
+    inductor = {**inductor_changes, "freezing": freezing, "fx_graph_cache": False}
+    with inductor_config.patch(inductor), dynamo_config.patch(dynamo):
+        yield
 
 
-def _compiled_graphs() -> int:
+def compiled_graph_count() -> int:
     """How many graphs dynamo has compiled in this process so far (to spot compiles inside timed rounds)."""
     from torch._dynamo.utils import counters
 
@@ -67,7 +70,7 @@ def _compiled_graphs() -> int:
 _GENERATED_MODULES = "torch._inductor.runtime.compile_tasks."
 
 
-def _free_compiled() -> None:
+def free_compiled() -> None:
     """Drop every compiled graph of this process, with the weights they hold.
 
     ``torch._dynamo.reset()`` alone frees dynamo's code caches but not inductor's loaded output modules,
@@ -86,7 +89,7 @@ def _free_compiled() -> None:
 
 
 @contextlib.contextmanager
-def _private_inductor_cache() -> Iterator[None]:
+def private_inductor_cache() -> Iterator[None]:
     """Compile into a new temporary directory instead of the per-user inductor cache (``/tmp/torchinductor_<user>``).
 
     So that every compile of a run is a user's first one (no kernels reused from earlier runs), and so that

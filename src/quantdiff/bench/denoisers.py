@@ -17,6 +17,7 @@ from quantdiff.calibration.dataset import CalibrationRecord, CalibrationSet
 from quantdiff.errors import QuantDiffError
 from quantdiff.pipelines.loading import config_hash
 from quantdiff.pipelines.reference_configs import SD3_MEDIUM_TRANSFORMER, SD15_UNET, SDXL_UNET
+from quantdiff.testing.configs import TINY_TRANSFORMER_SD3, TINY_UNET_SD15, TINY_UNET_SDXL
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class DenoiserSpec:
 
     @property
     def is_unet(self) -> bool:
-        return self.class_name == "UNet2DConditionModel"
+        return self.class_name == _UNET
 
     def check_latent(self, side: int) -> None:
         """Raise :class:`QuantDiffError` unless the denoiser accepts a ``side`` x ``side`` latent."""
@@ -57,98 +58,25 @@ class DenoiserSpec:
             raise QuantDiffError(f"{self.name}: latent size {side} is above its position table ({largest})")
 
 
-# The tiny denoisers of quantdiff.pipelines.tiny (same configs): for tests and smoke runs of this module.
-_TINY_SD15 = {
-    "sample_size": 16,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "block_out_channels": [32, 64],
-    "layers_per_block": 2,
-    "norm_num_groups": 8,
-    "attention_head_dim": [2, 4],
-    "cross_attention_dim": 32,
-    "use_linear_projection": False,
-}
-_TINY_SDXL = {
-    "sample_size": 16,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "block_out_channels": [32, 64, 64],
-    "layers_per_block": 1,
-    "norm_num_groups": 8,
-    "attention_head_dim": [2, 4, 4],
-    "transformer_layers_per_block": [1, 1, 2],
-    "cross_attention_dim": 64,
-    "use_linear_projection": True,
-    "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 16,
-    "projection_class_embeddings_input_dim": 6 * 16 + 32,
-}
-_TINY_SD3 = {
-    "sample_size": 16,
-    "patch_size": 2,
-    "in_channels": 16,
-    "out_channels": 16,
-    "num_layers": 2,
-    "num_attention_heads": 4,
-    "attention_head_dim": 16,
-    "joint_attention_dim": 128,
-    "caption_projection_dim": 64,
-    "pooled_projection_dim": 64,
-    "pos_embed_max_size": 32,
-}
-
+_UNET, _MMDIT = "UNet2DConditionModel", "SD3Transformer2DModel"
 DENOISERS: Mapping[str, DenoiserSpec] = MappingProxyType(
     {
         spec.name: spec
         for spec in (
-            DenoiserSpec(
-                "sd15", "SD1.5 UNet (860M)", "UNet2DConditionModel", SD15_UNET, 77, "runwayml/stable-diffusion-v1-5"
-            ),
-            DenoiserSpec(
-                "sdxl",
-                "SDXL UNet (2.57B)",
-                "UNet2DConditionModel",
-                SDXL_UNET,
-                77,
-                "stabilityai/stable-diffusion-xl-base-1.0",
-            ),
+            DenoiserSpec("sd15", "SD1.5 UNet (860M)", _UNET, SD15_UNET, 77, "runwayml/stable-diffusion-v1-5"),
+            DenoiserSpec("sdxl", "SDXL UNet (2.57B)", _UNET, SDXL_UNET, 77, "stabilityai/stable-diffusion-xl-base-1.0"),
             DenoiserSpec(
                 "sd3",
                 "SD3-Medium MMDiT (2.03B)",
-                "SD3Transformer2DModel",
+                _MMDIT,
                 SD3_MEDIUM_TRANSFORMER,
-                77 + 256,
+                77 + 256,  # 77 CLIP + 256 T5 tokens
                 "stabilityai/stable-diffusion-3-medium-diffusers",
             ),
-            DenoiserSpec(
-                "tiny-sd15",
-                "tiny SD1.5-layout UNet",
-                "UNet2DConditionModel",
-                MappingProxyType(_TINY_SD15),
-                77,
-                "quantdiff tiny",
-            ),
-            DenoiserSpec(
-                "tiny-sdxl",
-                "tiny SDXL-layout UNet",
-                "UNet2DConditionModel",
-                MappingProxyType(_TINY_SDXL),
-                77,
-                "quantdiff tiny",
-            ),
-            DenoiserSpec(
-                "tiny-sd3",
-                "tiny SD3-layout MMDiT",
-                "SD3Transformer2DModel",
-                MappingProxyType(_TINY_SD3),
-                77 + 16,
-                "quantdiff tiny",
-            ),
+            # The tiny denoisers of the test pipelines (quantdiff.testing.configs): for tests and smoke runs.
+            DenoiserSpec("tiny-sd15", "tiny SD1.5-layout UNet", _UNET, TINY_UNET_SD15, 77, "quantdiff tiny"),
+            DenoiserSpec("tiny-sdxl", "tiny SDXL-layout UNet", _UNET, TINY_UNET_SDXL, 77, "quantdiff tiny"),
+            DenoiserSpec("tiny-sd3", "tiny SD3-layout MMDiT", _MMDIT, TINY_TRANSFORMER_SD3, 77 + 16, "quantdiff tiny"),
         )
     }
 )
@@ -230,6 +158,16 @@ def denoiser_inputs(spec: DenoiserSpec, latent: int, batch: int, timestep: float
     return inputs
 
 
+def cast_inputs(inputs: Any, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Any:
+    """A denoiser call's kwargs on ``device`` with floating-point tensors in ``dtype`` (None: unchanged); integer
+    tensors (UNet timesteps) keep their dtype, non-tensors pass through."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device=device, dtype=dtype if inputs.is_floating_point() else None)
+    if isinstance(inputs, Mapping):
+        return {key: cast_inputs(item, device, dtype) for key, item in inputs.items()}
+    return inputs
+
+
 def calibration_timesteps(count: int) -> list[float]:
     """``count`` timesteps evenly spread over (0, 1000), noisiest first: 4 -> 875, 625, 375, 125."""
     return [1000.0 * (count - i - 0.5) / count for i in range(count)]
@@ -260,7 +198,7 @@ def bench_calibration(
     return CalibrationSet(records, info)
 
 
-def _param_count(spec: DenoiserSpec) -> int:
+def parameter_count(spec: DenoiserSpec) -> int:
     """Parameters of ``spec``'s denoiser, counted on the meta device (no memory)."""
     import diffusers
 

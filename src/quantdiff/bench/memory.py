@@ -1,5 +1,5 @@
-"""Memory measurement of ``quantdiff bench``: settled RSS, peak RSS over a block, and the weight bytes a model
-holds (what is counted is described in the ``quantdiff.bench`` package docstring).
+"""Memory measurement of ``quantdiff bench``: settled RSS, peak RSS over a block, the weight bytes a model holds
+(what is counted is described in the ``quantdiff.bench`` package docstring), and why a child process died.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import contextlib
 import ctypes
 import gc
 import itertools
+import signal
 import threading
 from typing import Any
 
@@ -16,20 +17,27 @@ import torch
 from torch import Tensor, nn
 
 
-def _rss() -> int:
+def rss() -> int:
+    """This process's resident set size in bytes, as it is (see :func:`settled_rss`)."""
     return psutil.Process().memory_info().rss
 
 
-def _settled_rss() -> int:
+def settled_rss() -> int:
     """RSS after gc and glibc ``malloc_trim``: freed heap pages go back to the OS, so RSS shows what is held."""
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    return _rss()
+    return rss()
 
 
-def _hwm() -> int | None:
-    """VmHWM (peak RSS) of this process in bytes, ``None`` off Linux."""
+def exit_diagnosis(returncode: int) -> str:
+    """A child process's exit code in words; SIGKILL without a traceback is the kernel's OOM killer in practice."""
+    killed = " (killed: most likely out of memory)" if returncode == -signal.SIGKILL else ""
+    return f"exited with {returncode}{killed}"
+
+
+def peak_rss() -> int | None:
+    """This process's peak RSS in bytes (VmHWM: since it started or since the last reset), ``None`` off Linux."""
     with contextlib.suppress(OSError, ValueError):
         with open("/proc/self/status") as handle:
             for line in handle:
@@ -38,17 +46,17 @@ def _hwm() -> int | None:
     return None
 
 
-def _reset_hwm() -> bool:
+def _reset_peak_rss() -> bool:
     """Reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel refuses."""
     try:
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")
     except OSError:
         return False
-    return _hwm() is not None
+    return peak_rss() is not None
 
 
-class _PeakWatch:
+class PeakWatch:
     """Peak RSS over a block: VmHWM reset at entry where possible, else a 2 ms RSS sampler thread."""
 
     def __init__(self) -> None:
@@ -57,9 +65,9 @@ class _PeakWatch:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> _PeakWatch:
-        self.start = _settled_rss()
-        if not _reset_hwm():
+    def __enter__(self) -> PeakWatch:
+        self.start = settled_rss()
+        if not _reset_peak_rss():
             self.peak = self.start
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
@@ -67,15 +75,15 @@ class _PeakWatch:
 
     def _sample(self) -> None:
         while not self._stop.wait(0.002):
-            self.peak = max(self.peak, _rss())
+            self.peak = max(self.peak, rss())
 
     def __exit__(self, *exc) -> None:
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
-            self.peak = max(self.peak, _rss())
+            self.peak = max(self.peak, rss())
         else:
-            self.peak = max(_hwm() or 0, _rss())
+            self.peak = max(peak_rss() or 0, rss())
 
     @property
     def extra(self) -> int:

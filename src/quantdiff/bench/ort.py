@@ -1,11 +1,14 @@
-"""The ONNX Runtime peer (``ort-qdq``): the child process that exports and quantizes the denoiser, and the
-builder that runs the quantized model in the benchmark process.
+"""The ONNX Runtime peer (``ort-qdq``): the child process that exports and quantizes the denoiser
+(:func:`quantize_in_child`, :func:`ort_child`), and the builder that runs the quantized model in the
+benchmark process (:func:`build_ort`).
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -15,16 +18,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from quantdiff.bench.builds import _Built, _Context, _one_line
+from quantdiff.bench.builds import BuildContext, Built, one_line
 from quantdiff.bench.denoisers import (
     DENOISERS,
     EVAL_SEED_OFFSET,
     EVAL_TIMESTEP,
+    DenoiserSpec,
     build_denoiser,
     calibration_timesteps,
     denoiser_inputs,
 )
-from quantdiff.bench.memory import _hwm, _rss
+from quantdiff.bench.memory import exit_diagnosis, peak_rss, rss, settled_rss
 from quantdiff.calibration.dataset import denoiser_output
 
 
@@ -64,7 +68,46 @@ class _PositionalDenoiser(nn.Module):
         return denoiser_output(self.denoiser(**kwargs))
 
 
-def _build_ort(ctx: _Context) -> _Built:
+def quantize_in_child(
+    spec: DenoiserSpec, latent: int, batch: int, seed: int, calibration: int, threads: int, folder: Path
+) -> dict[str, Any]:
+    """Export the fp32 denoiser to ONNX and quantize it with ``quantize_static`` in a child process
+    (:func:`ort_child`), writing into ``folder``.
+
+    Returns the child's result: ``status`` (``ok`` with ``model_path``, ``exporter``, ``export_s``,
+    ``quantize_s``; or ``failed`` with a one-line ``reason``), the child's ``peak_rss_bytes`` where it got
+    to write it, and ``child_s``, the child's whole time.
+    """
+    # The child builds the same weights from the seed; a fingerprint proves it (the model is not passed).
+    reference = build_denoiser(spec, seed)
+    job = {
+        "model": spec.name,
+        "latent": latent,
+        "batch": batch,
+        "seed": seed,
+        "calibration": calibration,
+        "threads": threads,
+        "fingerprint": fingerprint(reference),
+        "folder": str(folder),
+        "result": str(folder / "result.json"),
+    }
+    del reference
+    settled_rss()
+    (folder / "job.json").write_text(json.dumps(job))
+    code = "import sys; from quantdiff.bench.ort import ort_child; sys.exit(ort_child(sys.argv[1]))"
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code, str(folder / "job.json")], capture_output=True, text=True)
+    child_s = time.perf_counter() - start
+    result_file = folder / "result.json"
+    if not result_file.exists():
+        tail = (done.stderr or done.stdout).strip().splitlines()
+        reason = f"ONNX child {exit_diagnosis(done.returncode)} after {child_s:.0f} s: {tail[-1] if tail else ''}"
+        return {"status": "failed", "reason": reason[:300], "child_s": child_s}
+    return {**json.loads(result_file.read_text()), "child_s": child_s}
+
+
+def build_ort(ctx: BuildContext) -> Built:
+    """An ONNX Runtime session (CPU execution provider) on the model :func:`quantize_in_child` wrote."""
     import onnxruntime as ort
 
     if ctx.ort_model is None:
@@ -85,13 +128,13 @@ def _build_ort(ctx: _Context) -> _Built:
         return torch.from_numpy(session.run([output], feeds)[0])
 
     on_disk = sum(f.stat().st_size for f in ctx.ort_model.parent.iterdir() if f.name.startswith(ctx.ort_model.name))
-    built = _Built(call=call, module=None, path="ONNX Runtime", weight_bytes=on_disk)
+    built = Built(call=call, module=None, path="ONNX Runtime", weight_bytes=on_disk)
     built.path_detail = "CPU execution provider, QDQ int8 (u8 activations, s8 per-channel weights, MinMax calibration)"
     built.notes.append("weight bytes = the quantized ONNX model on disk; ORT's own prepacked copies show in held")
     return built
 
 
-def _ort_child(job_path: str) -> int:
+def ort_child(job_path: str) -> int:
     """Child process: build the same fp32 denoiser, export it to ONNX, quantize it with ORT; write a JSON result.
 
     A separate process because export + ``quantize_static`` peak at several times the model's size, which
@@ -107,7 +150,7 @@ def _ort_child(job_path: str) -> int:
 
         def exportable() -> nn.Module:
             model = build_denoiser(spec, int(job["seed"]))
-            if _fingerprint(model) != job["fingerprint"]:
+            if fingerprint(model) != job["fingerprint"]:
                 raise RuntimeError("the child built different weights than the benchmark process")
             return _PositionalDenoiser(model, names, constants).eval()
 
@@ -136,7 +179,7 @@ def _ort_child(job_path: str) -> int:
                 result.update(exporter=exporter, export_s=export_s, quantize_s=time.perf_counter() - start)
                 break
             except Exception as error:  # try the other exporter, then give both reasons
-                errors.append(f"{exporter} export: {_one_line(error)}")
+                errors.append(f"{exporter} export: {one_line(error)}")
             finally:
                 for file in folder.iterdir():
                     if file.name.startswith(f"fp32-{exporter}.onnx"):
@@ -145,8 +188,8 @@ def _ort_child(job_path: str) -> int:
             raise RuntimeError("; ".join(errors))
         result.update(status="ok", model_path=str(q_path))
     except Exception as error:  # reported as the row's reason
-        result["reason"] = _one_line(error)
-    result["peak_rss_bytes"] = _hwm() or _rss()
+        result["reason"] = one_line(error)
+    result["peak_rss_bytes"] = peak_rss() or rss()
     Path(job["result"]).write_text(json.dumps(result))
     return 0
 
@@ -186,7 +229,7 @@ def _quantize_onnx(fp32_path: Path, q_path: Path, names: list[str], calibration:
     )
 
 
-def _fingerprint(model: nn.Module) -> float:
+def fingerprint(model: nn.Module) -> float:
     """Sum of all weights in float64: the same seed must give the same number in every process."""
     with torch.no_grad():
         return float(sum(p.sum(dtype=torch.float64) for p in model.parameters()))

@@ -1,5 +1,5 @@
-"""Rendering a ``quantdiff bench`` result: the text tables, the markdown report (``RESULTS.md``) and the
-targets of issue 4.
+"""Rendering a ``quantdiff bench`` result, CPU or CUDA: the text tables, the markdown report (``RESULTS.md``) and
+the targets of issue 4.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 from quantdiff.bench.denoisers import DENOISERS, EVAL_TIMESTEP, calibration_timesteps
 from quantdiff.bench.results import BenchResult, BenchRow
-from quantdiff.bench.settings import BenchSettings, make_settings
+from quantdiff.bench.settings import BenchSettings
 
 
 def _mib(value: int | None) -> str:
@@ -30,34 +30,43 @@ def _db(row: BenchRow) -> str:
 
 def _preset(s: BenchSettings) -> str:
     """Which preset the settings are, or that models / latents / methods were chosen."""
-    preset = make_settings(quick=s.quick)
-    same = (s.models, dict(s.latents), s.methods) == (preset.models, dict(preset.latents), preset.methods)
-    name = "quick" if s.quick else "full"
-    return f"{name} preset" if same else f"{name} preset with chosen models, latent sizes or methods"
+    name = "GPU" if s.baseline == "bf16" else "quick" if s.quick else "full"
+    return f"{name} preset" + ("" if s.matches_preset() else " with chosen models, latent sizes or methods")
 
 
 def _when(iso: str) -> str:
     return iso.replace("T", " ").replace("+00:00", " UTC")
 
 
-def _case_table(rows: Sequence[BenchRow]) -> list[str]:
-    lines = [
-        "| method | status | path | s / step (median) | vs fp32 eager | vs best fp32 | weights MiB (x fp32) "
-        "| held MiB | peak RSS MiB | SQNR dB | one-time s (setup + first call) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+def _case_table(rows: Sequence[BenchRow], s: BenchSettings) -> list[str]:
+    """One markdown table: timings against the settings' baseline; memory of the process, or of the GPU."""
+    b = s.baseline
+
+    def weights(r: BenchRow) -> str:
+        return _mib(r.weight_bytes) + ("" if r.weight_ratio_vs_fp32 is None else f" ({r.weight_ratio_vs_fp32:.2f}x)")
+
+    def one_time(r: BenchRow) -> str:
+        return "" if r.one_time_s is None else f"{r.one_time_s:.1f} ({r.setup_s or 0:.1f} + {r.first_call_s or 0:.1f})"
+
+    memory = (
+        [("peak GPU MiB", lambda r: _mib(r.device_peak_bytes))]
+        if s.cuda
+        else [("held MiB", lambda r: _mib(r.held_bytes)), ("peak RSS MiB", lambda r: _mib(r.peak_rss_bytes))]
+    )
+    columns = [
+        ("method", lambda r: r.method),
+        ("status", lambda r: r.status),
+        ("path", lambda r: r.path or ""),
+        ("s / step (median)", lambda r: "" if r.median_s is None else f"{r.median_s:.{4 if s.cuda else 3}f}"),
+        (f"vs {b} eager", lambda r: _speed(getattr(r, f"speedup_vs_{b}"))),
+        (f"vs best {b}", lambda r: _speed(getattr(r, f"speedup_vs_best_{b}"))),
+        ("weights MiB (x fp32)", weights),
+        *memory,
+        ("SQNR dB", _db),
+        ("one-time s (setup + first call)", one_time),
     ]
-    for r in rows:
-        weights = _mib(r.weight_bytes) + ("" if r.weight_ratio_vs_fp32 is None else f" ({r.weight_ratio_vs_fp32:.2f}x)")
-        one_time = (
-            "" if r.one_time_s is None else f"{r.one_time_s:.1f} ({r.setup_s or 0:.1f} + {r.first_call_s or 0:.1f})"
-        )
-        median = "" if r.median_s is None else f"{r.median_s:.3f}"
-        lines.append(
-            f"| {r.method} | {r.status} | {r.path or ''} | {median} | {_speed(r.speedup_vs_fp32)} "
-            f"| {_speed(r.speedup_vs_best_fp32)} | {weights} | {_mib(r.held_bytes)} | {_mib(r.peak_rss_bytes)} "
-            f"| {_db(r)} | {one_time} |"
-        )
-    return lines
+    lines = ["| " + " | ".join(title for title, _ in columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in rows]
 
 
 def _cases(result: BenchResult) -> Iterator[tuple[str, int, list[BenchRow], Mapping[str, Any]]]:
@@ -82,7 +91,7 @@ def format_table(result: BenchResult) -> str:
     """The result tables as text (markdown tables, one per model and latent size) plus failure reasons."""
     lines = []
     for model, latent, rows, _ in _cases(result):
-        lines += ["", f"{_case_title(model, latent, result.settings.batch)}", *_case_table(rows)]
+        lines += ["", f"{_case_title(model, latent, result.settings.batch)}", *_case_table(rows, result.settings)]
         lines += [f"  {r.method}: {r.status}: {r.reason}" for r in rows if r.status != "ok"]
     return "\n".join(lines).lstrip("\n")
 
@@ -139,7 +148,7 @@ def _targets(result: BenchResult) -> list[str]:
 
 def render_markdown(result: BenchResult) -> str:
     """``RESULTS.md``: machine, settings, one table per case, notes, targets and how it was measured."""
-    s = result.settings
+    s, b = result.settings, result.settings.baseline
     when = _when(result.started)
     parts = len({case["run_started"] for case in result.cases if case.get("run_started")})
     lines = [
@@ -168,8 +177,9 @@ def render_markdown(result: BenchResult) -> str:
             else " (e.g. classifier-free guidance)"
         ),
         f"- methods: {', '.join(s.methods)}",
+        *([f"- device {s.device}; baseline bf16 eager, fp32 only the SQNR reference"] if b == "bf16" else []),
         f"- timing: {s.warmup} warm-up + {s.repeats} timed rounds per group; every round calls each live method once "
-        "(fp32 eager included) in a fresh random order; median reported",
+        f"({b} eager included) in a fresh random order; median reported" + ("; CUDA events" if s.cuda else ""),
         f"- calibration (quantdiff and PT2E, the same inputs): {s.calibration_inputs} Gaussian latents at timesteps "
         + ", ".join(f"{t:.0f}" for t in calibration_timesteps(s.calibration_inputs))
         + " with Gaussian text embeddings of the real shapes (SD1.5 77x768; SDXL 77x2048 + pooled 1280 + size ids; "
@@ -193,8 +203,8 @@ def render_markdown(result: BenchResult) -> str:
             lines.append(
                 f"fp32 weights {_mib(case.get('fp32_weight_bytes'))} MiB ({case.get('parameters', 0) / 1e6:.0f}M "
                 f"parameters, {case.get('linear_share', 0) * 100:.0f}% in Linear); {case.get('groups')} timing "
-                f"group(s); process base RSS {_mib(case.get('base_rss_bytes'))} MiB; memory budget "
-                f"{_mib(case.get('budget_bytes'))} MiB."
+                f"group(s); process base RSS {_mib(case.get('base_rss_bytes'))} MiB"
+                + (f"; memory budget {_mib(case['budget_bytes'])} MiB." if case.get("budget_bytes") else ".")
                 + (
                     f" Measured from {_when(case['started'])}, load average {case.get('load_average_start', 0):.2f} "
                     "at its start."
@@ -203,7 +213,7 @@ def render_markdown(result: BenchResult) -> str:
                 )
             )
             lines.append("")
-        lines += _case_table(rows)
+        lines += _case_table(rows, s)
         notes = []
         for r in rows:
             if r.status != "ok":
@@ -225,8 +235,9 @@ def render_markdown(result: BenchResult) -> str:
         "",
         "- One process. Each method is built from the fp32 model (converted copies share its fp32 tensors, so no "
         "second fp32 copy is made) and kept alive in a group; a group is timed when the next method would not fit "
-        "the memory budget, then freed. `vs fp32 eager` = fp32 eager median in the same group / the method's "
-        "median; `vs best fp32` divides by fp32-compile's own speedup when compiling helped.",
+        f"the memory budget, then freed. `vs {b} eager` = {b} eager median in the same group / the method's "
+        f"median; `vs best {b}` divides by {'fp32-compile' if b == 'fp32' else 'the fastest compiled bf16 row'}'s "
+        "own speedup when compiling helped.",
         "- weights: tensor bytes the method holds (prepacked kernel copies included: quantdiff's integer mode "
         "holds oneDNN's packed copy in place of `weight_q`; fp32 layers a method does not quantize count too). held: RSS the "
         "method added when built, after gc + malloc_trim, including what torch.compile added (frozen weight copies, "
@@ -235,9 +246,14 @@ def render_markdown(result: BenchResult) -> str:
         "- SQNR: the method's output vs fp32 eager on the evaluation input; random weights make this a relative "
         "figure (trained models: `quantdiff eval`).",
         "- `path`: quantdiff rows from `use_integer_kernels`' ExecutionSummary: `integer` (every quantized layer on "
-        "the oneDNN int8 kernel), `reference` (fake-quant path: per-group or weight-only layers have no int8 "
-        "kernel), `mixed`; widened int4 layers are listed.",
+        f"the {'oneDNN' if b == 'fp32' else 'torch._int_mm'} int8 kernel), `reference` (fake-quant path: per-group "
+        "or weight-only layers have no int8 kernel), `mixed`; widened int4 layers are listed.",
     ]
+    if s.cuda:
+        lines.append(
+            "- On CUDA each call is timed with CUDA events; peak GPU: `torch.cuda.max_memory_allocated` over one "
+            "step (weights included); the memory budget (host RSS) does not apply."
+        )
     return "\n".join(lines) + "\n"
 
 

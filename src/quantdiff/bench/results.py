@@ -1,5 +1,5 @@
-"""What ``quantdiff bench`` hands back: rows, the machine description, the whole result and its JSON file
-(the schema is documented in the ``quantdiff.bench`` package docstring).
+"""What ``quantdiff bench`` hands back, on the CPU and on CUDA alike: rows, the machine description, the whole
+result and its JSON file (the schema is documented in the ``quantdiff.bench`` package docstring).
 """
 
 from __future__ import annotations
@@ -13,14 +13,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psutil
 import torch
 
-if TYPE_CHECKING:
-    from quantdiff.bench.settings import BenchSettings
-
+from quantdiff.bench.settings import BenchSettings
+from quantdiff.errors import QuantDiffError
 
 FORMAT_NAME = "quantdiff-bench"
 FORMAT_VERSION = 1
@@ -28,7 +27,7 @@ FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class BenchRow:
-    """One measurement; the JSON schema is in the module docstring."""
+    """One measurement; the JSON schema is in the ``quantdiff.bench`` package docstring."""
 
     model: str
     latent: int
@@ -48,6 +47,10 @@ class BenchRow:
     speedup_vs_fp32: float | None = None
     speedup_vs_best_fp32: float | None = None
     best_fp32: str | None = None
+    bf16_median_s: float | None = None
+    speedup_vs_bf16: float | None = None
+    speedup_vs_best_bf16: float | None = None
+    best_bf16: str | None = None
     weight_bytes: int | None = None
     weight_ratio_vs_fp32: float | None = None
     stored_bytes: int | None = None
@@ -57,6 +60,7 @@ class BenchRow:
     peak_rss_bytes: int | None = None
     setup_peak_rss_bytes: int | None = None
     step_peak_extra_bytes: int | None = None
+    device_peak_bytes: int | None = None
     sqnr_db: float | None = None
     identical_to_fp32: bool = False
     setup_s: float | None = None
@@ -71,7 +75,8 @@ class BenchRow:
     notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(self)  # JSON has no inf / nan: they become None (sqnr_db: see identical_to_fp32)
+        """JSON-ready; JSON has no inf / nan: they become None (``sqnr_db``: see ``identical_to_fp32``)."""
+        return _plain(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BenchRow:
@@ -99,8 +104,12 @@ class MachineInfo:
     packages: Mapping[str, str | None]
     int8_kernels: str
     load_average: tuple[float, float, float]
+    gpu: str | None = None  # on CUDA: the device's name, memory and the CUDA version torch was built with
+    gpu_memory_bytes: int | None = None
+    cuda: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
         return _plain(self)
 
     def describe(self) -> list[str]:
@@ -116,7 +125,7 @@ class MachineInfo:
             f"quantized engine {self.quantized_engine}; python {self.python}; {self.system}",
             f"- int8 kernels: {self.int8_kernels}",
             f"- packages: {packages}",
-        ]
+        ] + ([f"- GPU: {self.gpu} ({self.gpu_memory_bytes / 2**30:.0f} GiB), CUDA {self.cuda}"] if self.gpu else [])
 
 
 @dataclass(frozen=True)
@@ -134,6 +143,7 @@ class BenchResult:
     complete: bool = True  # False in the snapshots run_benchmark hands to on_case
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON file's content."""
         return {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -166,8 +176,9 @@ _FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "a
 _PACKAGES = ("diffusers", "torchao", "optimum-quanto", "onnxruntime", "onnx", "onnxscript", "accelerate")
 
 
-def machine_info() -> MachineInfo:
-    """Describe this machine and process (CPU model and flags from /proc/cpuinfo where it exists)."""
+def machine_info(device: str = "cpu") -> MachineInfo:
+    """Describe this machine and process (CPU model and flags from /proc/cpuinfo where it exists), and the GPU
+    when ``device`` is a CUDA device."""
     from importlib import metadata
 
     from quantdiff.nn import kernel_support
@@ -189,6 +200,10 @@ def machine_info() -> MachineInfo:
             packages[name] = None
     support = kernel_support()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    gpu = {}
+    if torch.device(device).type == "cuda":
+        properties = torch.cuda.get_device_properties(torch.device(device))
+        gpu = {"gpu": properties.name, "gpu_memory_bytes": properties.total_memory, "cuda": torch.version.cuda}
     return MachineInfo(
         cpu=cpu,
         logical_cpus=os.cpu_count() or 1,
@@ -205,6 +220,7 @@ def machine_info() -> MachineInfo:
         packages=MappingProxyType(packages),
         int8_kernels=f"{support.describe()} ({support.probe})",
         load_average=os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0),
+        **gpu,
     )
 
 
@@ -214,9 +230,6 @@ def read_json(path: str | os.PathLike) -> BenchResult:
     Non-finite numbers were written as ``null`` and stay ``None`` (``identical_to_fp32`` keeps the meaning
     of an infinite SQNR). Raises :class:`QuantDiffError` for a file that is not a quantdiff-bench result.
     """
-    from quantdiff.bench.settings import BenchSettings
-    from quantdiff.errors import QuantDiffError
-
     path = Path(path)
     try:
         data = json.loads(path.read_text())

@@ -1,4 +1,6 @@
-"""Calibration data: record denoiser inputs from the real pipeline, store them, replay them."""
+"""Calibration data: record denoiser inputs from the real pipeline (capture), store and replay them (dataset),
+and let algorithms look inside a replay (taps: layer / block inputs and outputs, X^T X; timestep: the
+current denoising step)."""
 
 from quantdiff.calibration.capture import capture_calibration
 from quantdiff.calibration.dataset import CalibrationRecord, CalibrationSet

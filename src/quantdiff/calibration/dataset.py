@@ -102,6 +102,10 @@ class CalibrationSet:
             CalibrationSet([r for r in self.records if r.prompt_index in held], dict(self.info)),
         )
 
+    def subset_by_index(self, indices: Sequence[int]) -> CalibrationSet:
+        """The records at ``indices``, in that order."""
+        return CalibrationSet([self.records[i] for i in indices], dict(self.info))
+
     def subset(self, max_records: int, seed: int = 0) -> CalibrationSet:
         """At most ``max_records`` records, drawn evenly at random (deterministic for a seed)."""
         if len(self.records) <= max_records:

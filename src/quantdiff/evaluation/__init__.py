@@ -1,49 +1,11 @@
-"""Offline evaluation of the digits benchmark models: the captioned coloured-digits data, the evaluator
-CNN that reads digit and colours off an image, and the metrics (FID, Inception Score, PSNR, SSIM).
+"""Offline evaluation building blocks of ``quantdiff eval``: image metrics (FID from features, Inception
+Score, PSNR, SSIM), real-model metrics with local weights (FID Inception-v3, CLIPScore, ImageReward) and
+the prompt sets a model folder carries (``prompt_sets``).
 
-Nothing here downloads anything: the source digits ship with scikit-learn and the evaluator's weights
-with quantdiff.
+Nothing here downloads anything. The digits data set and its evaluator CNN, which judge the bundled
+digits models, belong to the digits demo (``quantdiff.demo.digits``).
 """
 
-from quantdiff.evaluation.digits import (
-    CAPTION_TEMPLATES,
-    COLOUR_PAIRS,
-    COLOURS,
-    DIGIT_WORDS,
-    PALETTE,
-    DigitsDataset,
-    DigitSpec,
-    all_combinations,
-    caption,
-    combinations,
-    evaluation_prompts,
-    format_caption,
-    heldout_combinations,
-    make_dataset,
-    parse_caption,
-    render,
-    render_batch,
-    render_specs,
-    source_digits,
-    source_split,
-    spec_labels,
-)
-from quantdiff.evaluation.evaluator import (
-    DigitsEvaluator,
-    EvaluatorConfig,
-    EvaluatorOutput,
-    EvaluatorPredictions,
-    adherence,
-    digits_inception_score,
-    fid_digits,
-    head_accuracies,
-    images_to_tensor,
-    load_evaluator,
-    predict,
-    read_metadata,
-    save_evaluator,
-    train_evaluator,
-)
 from quantdiff.evaluation.metrics import fid_from_features, frechet_distance, inception_score, psnr, ssim
 from quantdiff.evaluation.real_metrics import (
     ClipBundle,
@@ -62,57 +24,22 @@ from quantdiff.evaluation.real_metrics import (
 )
 
 __all__ = [
-    "CAPTION_TEMPLATES",
-    "COLOURS",
-    "COLOUR_PAIRS",
-    "DIGIT_WORDS",
-    "PALETTE",
     "ClipBundle",
-    "DigitSpec",
-    "DigitsDataset",
-    "DigitsEvaluator",
-    "EvaluatorConfig",
-    "EvaluatorOutput",
-    "EvaluatorPredictions",
     "FIDInceptionV3",
-    "adherence",
-    "all_combinations",
-    "caption",
     "clip_embeddings",
     "clip_score",
     "clip_scores",
-    "combinations",
-    "digits_inception_score",
-    "evaluation_prompts",
-    "fid_digits",
     "fid_from_features",
-    "format_caption",
     "frechet_distance",
-    "head_accuracies",
-    "heldout_combinations",
     "image_reward",
     "image_reward_scores",
-    "images_to_tensor",
     "inception_features",
     "inception_fid",
     "inception_fid_from_features",
     "inception_score",
     "load_clip",
-    "load_evaluator",
     "load_image_reward",
     "load_inception",
-    "make_dataset",
-    "parse_caption",
-    "predict",
     "psnr",
-    "read_metadata",
-    "render",
-    "render_batch",
-    "render_specs",
-    "save_evaluator",
-    "source_digits",
-    "source_split",
-    "spec_labels",
     "ssim",
-    "train_evaluator",
 ]

@@ -11,8 +11,9 @@ options. ``evaluation.json``::
                   "spec": {"digit": 7, "foreground": "red", "background": "white"},  # or null
                   "heldout": false}, ...]}
 
-A ``spec`` says what the image must show, which the digits evaluator can check; prompts without one
-are scored only by the metrics that need no ground truth.
+A ``spec`` says what the image must show: a digits demo ``DigitSpec`` (``quantdiff.demo.digits.data``),
+which the digits evaluator can check; prompts without one are scored only by the metrics that need no
+ground truth. The digits models' own sets are made by ``quantdiff.demo.digits.prompts``.
 """
 
 from __future__ import annotations
@@ -23,11 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from quantdiff.calibration.prompts import read_prompts
+from quantdiff.demo.digits.data import DigitSpec
 from quantdiff.errors import QuantDiffError
-from quantdiff.evaluation.digits import DigitSpec, caption, combinations, evaluation_prompts, heldout_combinations
 from quantdiff.jsonfile import read_json_object
 
 PROMPTS_FOLDER = "prompts"
@@ -112,21 +111,3 @@ def write_prompt_sets(
     evaluation_path = target / EVALUATION_FILE
     evaluation_path.write_text(json.dumps(evaluation.to_dict(), indent=1) + "\n")
     return calibration_path, evaluation_path
-
-
-def digits_prompt_sets(
-    seed: int = 0, *, num_calibration: int = 64, num_evaluation: int = 100, steps: int = 25, guidance: float = 5.0
-) -> tuple[list[str], EvaluationSet]:
-    """The prompt sets of the digits models.
-
-    Calibration prompts come from the training combinations only (calibration must not see the held-out
-    ones); evaluation prompts hold 30% held-out combinations, dealt evenly (``evaluation_prompts``).
-    """
-    rng = np.random.default_rng([seed, 11])
-    pool = combinations("train")
-    calibration = [caption(pool[i], rng) for i in rng.permutation(len(pool))[:num_calibration]]
-    held = heldout_combinations()
-    prompts = tuple(
-        EvalPrompt(text, spec, spec in held) for text, spec in evaluation_prompts(num_evaluation, seed=seed)
-    )
-    return calibration, EvaluationSet(prompts, steps=steps, guidance=guidance)

@@ -1,31 +1,35 @@
-"""Quantized modules that replace nn.Linear / nn.Conv2d, and their execution modes (reference or integer)."""
+"""Quantized modules that replace nn.Linear / nn.Conv2d, their integer kernels and execution modes."""
 
 from quantdiff.nn.attention import ATTENTION_CHOICES, attention_dtype, native_bf16, use_attention_dtype
-from quantdiff.nn.kernels import KernelDecision, KernelSupport, kernel_support
-from quantdiff.nn.quantized import (
+from quantdiff.nn.execution import (
     ExecutionSummary,
     LayerExecution,
-    QuantizedConv2d,
-    QuantizedLayer,
-    QuantizedLinear,
     execution_summary,
     use_integer_kernels,
     use_reference,
 )
+from quantdiff.nn.kernels import KernelDecision, KernelInputs, KernelSupport, kernel_support
+from quantdiff.nn.quantized import InputQParams, QuantizedConv2d, QuantizedLayer, QuantizedLinear
+from quantdiff.nn.weights import QuantizedWeight, dequantize_weight, quantize_weight
 
 __all__ = [
     "ATTENTION_CHOICES",
     "ExecutionSummary",
+    "InputQParams",
     "KernelDecision",
+    "KernelInputs",
     "KernelSupport",
     "LayerExecution",
     "QuantizedConv2d",
     "QuantizedLayer",
     "QuantizedLinear",
+    "QuantizedWeight",
     "attention_dtype",
+    "dequantize_weight",
     "execution_summary",
     "kernel_support",
     "native_bf16",
+    "quantize_weight",
     "use_attention_dtype",
     "use_integer_kernels",
     "use_reference",

@@ -1,30 +1,35 @@
-"""Quantized Linear and Conv2d modules: integer weights in memory, static input scales.
+"""Quantized Linear and Conv2d modules: integer weights in memory, calibrated input scales, layer extras.
 
-``convert`` swaps every planned ``nn.Linear`` / ``nn.Conv2d`` for one of these. They hold
+``quantize.prepare`` swaps every planned ``nn.Linear`` / ``nn.Conv2d`` for one of these, and ``convert``
+turns it into integers. A layer's life has two states:
 
-* ``weight_q``: the integer weight, ``(C_out, K)`` int8 (symmetric) or uint8 (asymmetric), or for 4 bits
-  and fewer ``(C_out, ceil(K / 2))`` uint8 with two values per byte; ``K`` is the reduction size
-  (``in`` for Linear, ``in/groups * kh * kw`` for Conv2d). A last partial group is padded only while
-  computing, never stored;
-* ``weight_scale`` ``(C_out, G)`` float32 and, for asymmetric weights, ``weight_zero_point`` ``(C_out, G)``
-  int32, where ``G`` is 1 (per channel), ``ceil(K / group_size)`` (per group), and the first dimension is
-  1 for a per-tensor scale;
-* ``input_scale`` / ``input_zero_point`` (0-d) when inputs are quantized with a calibrated static scale;
-* ``bias`` in float32.
+* **prepared**: it holds the floating-point ``weight`` (the original parameter) and ``bias``, and computes
+  exactly what the float layer computed, plus its extras. Algorithms work on this state: they may change
+  the weight and add extras; calibration taps (:meth:`QuantizedLayer.register_input_tap`) see the input at
+  the point where it will be quantized.
+* **converted**: the floating-point weight is gone; the layer holds the tensors its plan declares
+  (:meth:`quantdiff.plan.LayerPlan.stored_tensors`, stored layout in :mod:`quantdiff.nn.weights`):
+  ``weight_q``, ``weight_scale``, ``weight_zero_point`` (asymmetric weights), ``input_scale`` /
+  ``input_zero_point`` (quantized inputs), ``bias`` (float32), and its extras' tensors. Everything it
+  computes comes from them, so a saved and reloaded layer computes bit-identically. A loading skeleton
+  (:meth:`QuantizedLinear.like`) is an empty converted layer.
 
-The floating-point weight is gone after conversion: everything the module computes comes from the stored
-integers, so a saved and reloaded module computes bit-identically.
+One forward serves every variant, in this order::
 
-Two execution modes share those buffers:
+    x = x * input_pre_scale                          # extra "input_pre_scale" (channel balancing)
+    y = layer(quantize(x, scale of this call), W)    # the integer kernel, or the reference path
+    y = y + up(down(x))                              # extra "lowrank": a floating-point branch
+
+The scale of a call is the static ``input_scale``, or with the extra ``timestep_groups`` the row of the
+current timestep's group (read from the denoiser's :class:`~quantdiff.calibration.timestep.StepClock`).
+
+Two execution modes share the converted buffers:
 
 * ``"reference"`` (default): fake-quantizes the input with the stored scale and runs the float op on the
   dequantized weight. The ground truth: quality is measured on it, and it runs anywhere.
-* ``"integer"``: the oneDNN int8 kernel on CPU (:mod:`quantdiff.nn.kernels`), which computes the same
-  integers exactly when the layer is eligible; layers that are not keep the reference path, each with
-  the reason. :func:`use_integer_kernels` switches a whole model and returns an :class:`ExecutionSummary`;
-  on CPUs with native bf16 it also runs the attention modules' scaled-dot-product attention in bf16
-  (:mod:`quantdiff.nn.attention`; ``attention="float32"`` keeps fp32). :func:`use_reference` switches
-  back, fp32 attention included. The mode is not saved: a loaded model starts in reference mode.
+* ``"integer"``: the layer asks :func:`quantdiff.nn.kernels.select_kernel` for an int8 kernel, which computes
+  the same integers exactly when the layer is eligible; layers that are not keep the reference path, each
+  with the reason (:mod:`quantdiff.nn.execution` switches whole models and summarises).
 
 In integer mode the kernel's prepacked weight is the only copy held: ``weight_q`` is released (its buffer
 is ``None``) and rebuilt bit for bit from the packed copy whenever something needs it -- ``state_dict`` /
@@ -34,112 +39,46 @@ either mode, not 2. :meth:`QuantizedLayer.integer_weight` reads it in either mod
 
 from __future__ import annotations
 
-import itertools
-import math
+import bisect
 import warnings
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
-from quantdiff.nn.attention import attention_dtype, resolve_attention, use_attention_dtype
-from quantdiff.nn.int_mm import Int8MatmulKernel, build_int_mm_kernel
-from quantdiff.nn.kernels import IntegerKernel, KernelDecision, KernelSupport, build_kernel, kernel_support
-from quantdiff.observers import make_observer
-from quantdiff.plan import LayerPlan
-from quantdiff.primitives import (
-    dequantize,
-    fake_quantize,
-    group_rows,
-    pack_int4,
-    pair_safe_quantize,
-    quantize,
-    unpack_int4,
+from quantdiff.errors import CalibrationError
+from quantdiff.nn.kernels import (
+    ConvGeometry,
+    KernelDecision,
+    KernelInputs,
+    KernelSupport,
+    kernel_support,
+    select_kernel,
 )
+from quantdiff.nn.weights import QuantizedWeight, dequantize_weight, quantize_weight
+from quantdiff.plan import LayerPlan, TensorDecl
+from quantdiff.primitives import fake_quantize, pack_int4
 from quantdiff.recipe import TensorSpec
 
-
-def weight_layout(spec: TensorSpec, c_out: int, k: int) -> tuple[int, int]:
-    """The shape of ``weight_scale``: ``(rows of scales, groups per row)``."""
-    if spec.granularity == "tensor":
-        return 1, 1
-    if spec.granularity == "channel":
-        return c_out, 1
-    return c_out, math.ceil(k / spec.group_size)
-
-
-def padded_reduction_size(spec: TensorSpec, k: int) -> int:
-    """``K`` rounded up to whole groups for group-wise specs (the layout scales are computed on)."""
-    if spec.granularity == "group":
-        return math.ceil(k / spec.group_size) * spec.group_size
-    return k
-
-
-def quantize_weight(weight: Tensor, spec: TensorSpec) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Quantize a floating-point weight to its stored form.
-
-    Args:
-        weight: ``(C_out, ...)`` floating-point weight.
-        spec: weight spec; its observer chooses the range of each scale row.
-
-    Returns:
-        ``(weight_q, weight_scale, weight_zero_point)`` as described in the module docstring;
-        the zero point is ``None`` for symmetric specs.
-    """
-    c_out = weight.shape[0]
-    w = weight.detach().float().reshape(c_out, -1)  # (C_out, K)
-    k = w.shape[1]
-    if spec.granularity == "tensor":
-        rows = w.reshape(1, -1)  # (1, C_out*K)
-    elif spec.granularity == "channel":
-        rows = w  # (C_out, K)
-    else:
-        rows = group_rows(w, spec.group_size)  # (C_out*G, group)
-    observer = make_observer(spec.observer, spec.bits, spec.symmetric, **dict(spec.observer_options))
-    observer.update(rows)
-    scale, zero_point = observer.qparams()  # (R,), (R,)
-    if spec.pair_safe:  # 8-bit symmetric per channel (TensorSpec checks): the observer's scale is the start
-        # Pairs run over input channels at the same kernel tap: (C_out, C_in/groups, kh*kw); Linear taps = 1.
-        q, scale = pair_safe_quantize(weight.detach().float().reshape(c_out, weight.shape[1], -1), scale)
-        return q.reshape(c_out, k).contiguous(), scale.reshape(c_out, 1).contiguous(), None
-    q = quantize(rows, scale[:, None], zero_point[:, None], spec.bits, spec.symmetric)
-    scale_rows, groups = weight_layout(spec, c_out, k)
-    q = q.reshape(c_out, padded_reduction_size(spec, k))[:, :k]  # (C_out, K): padding is not stored
-    if spec.packed:
-        q = pack_int4(q)  # (C_out, ceil(K/2))
-    scale = scale.reshape(scale_rows, groups).contiguous()
-    zero_point = None if spec.symmetric else zero_point.reshape(scale_rows, groups).to(torch.int32).contiguous()
-    return q.contiguous(), scale, zero_point
-
-
-def dequantize_weight(
-    weight_q: Tensor, weight_scale: Tensor, weight_zero_point: Tensor | None, spec: TensorSpec, shape: torch.Size
-) -> Tensor:
-    """Float32 weight of ``shape`` from its stored form (inverse of :func:`quantize_weight` up to rounding)."""
-    c_out = shape[0]
-    k = math.prod(shape[1:])
-    n = padded_reduction_size(spec, k)
-    q = unpack_int4(weight_q, k, signed=spec.symmetric) if spec.packed else weight_q  # (C_out, K)
-    if n > k:
-        q = F.pad(q, (0, n - k))  # (C_out, N): whole groups again; the padding is dropped below
-    groups = weight_scale.shape[1]
-    q = q.reshape(c_out, groups, n // groups)  # (C_out, G, group)
-    if weight_zero_point is None:
-        zero_point = torch.zeros((), dtype=torch.int32, device=weight_q.device)
-    else:
-        zero_point = weight_zero_point[..., None]  # (C_out, G, 1)
-    w = dequantize(q, weight_scale[..., None], zero_point)  # (C_out, G, group)
-    return w.reshape(c_out, n)[:, :k].reshape(shape)
-
-
 EXECUTION_MODES = ("reference", "integer")
-BACKENDS = ("auto", "onednn", "int_mm")
 _REFERENCE = KernelDecision("reference", "reference mode")
+# Tensors that conversion creates (the prepared layer holds the float weight instead).
+_CONVERTED_TENSORS = ("weight_q", "weight_scale", "weight_zero_point", "input_scale", "input_zero_point")
+
+
+class InputQParams(NamedTuple):
+    """A layer's input quantization: scale and zero point (0-d, or one per timestep group)."""
+
+    scale: Tensor
+    zero_point: Tensor
 
 
 class QuantizedLayer(nn.Module):
-    """Shared storage, input quantization and execution mode of :class:`QuantizedLinear` / :class:`QuantizedConv2d`.
+    """Shared state and forward of :class:`QuantizedLinear` / :class:`QuantizedConv2d` (see the module docstring).
 
     The integer kernel (``_kernel``) is a cache derived from the buffers: built when the layer is switched
     to integer mode, dropped whenever the buffers change (``set_weight``, ``set_input_qparams``,
@@ -148,60 +87,249 @@ class QuantizedLayer(nn.Module):
 
     def __init__(
         self,
-        weight_shape: tuple[int, ...],
-        has_bias: bool,
-        weights: TensorSpec,
-        activations: TensorSpec | None,
+        layer: LayerPlan,
         device: torch.device | str | None = None,
+        *,
+        float_weight: nn.Parameter | None = None,
+        float_bias: nn.Parameter | None = None,
     ):
+        """An empty converted layer of ``layer`` on ``device``, or with ``float_weight`` a prepared one."""
         super().__init__()
-        self.weight_shape = torch.Size(weight_shape)
-        self.weight_spec = weights
-        self.input_spec = activations
-        c_out = weight_shape[0]
-        k = math.prod(weight_shape[1:])
-        storage = (c_out, math.ceil(k / 2)) if weights.packed else (c_out, k)
-        storage_dtype = torch.int8 if weights.symmetric and not weights.packed else torch.uint8
-        scale_shape = weight_layout(weights, c_out, k)
-        self.register_buffer("weight_q", torch.zeros(storage, dtype=storage_dtype, device=device))
-        self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=torch.float32, device=device))
-        if not weights.symmetric:
-            self.register_buffer("weight_zero_point", torch.zeros(scale_shape, dtype=torch.int32, device=device))
-        else:
-            self.weight_zero_point = None
-        if activations is not None:
-            self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device))
-            self.register_buffer("input_zero_point", torch.zeros((), dtype=torch.int32, device=device))
-        if has_bias:
-            self.bias = nn.Parameter(torch.zeros(c_out, device=device), requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
+        if not layer.quantized:
+            raise ValueError(f"layer {layer.name!r} stays in floating point: it has no quantized module")
+        self.layer_plan = layer
         self.execution = "reference"  # see set_execution; a plain attribute, never saved
+        self.step_clock = None  # the denoiser's StepClock, for layers with per-timestep tensors
+        self._input_taps: OrderedDict[int, Callable[[Tensor], None]] = OrderedDict()
         self._allow_inexact = False
         self._backend = "auto"
         self._support: KernelSupport | None = None
-        self._kernel: IntegerKernel | Int8MatmulKernel | None = None
+        self._kernel = None
         self._decision: KernelDecision | None = None  # None: not decided since the last change
+        declared = layer.stored_tensors()
+        if float_weight is None:  # a skeleton: every declared tensor, to be loaded into
+            for name, decl in declared.items():
+                self._store(name, decl.empty(device), decl)
+        else:
+            self.weight = float_weight
+            self.bias = float_bias
+            for name, decl in declared.items():  # extras a plan already had (normally added later)
+                if name not in _CONVERTED_TENSORS and name != "bias":
+                    self._store(name, decl.empty(float_weight.device), decl)
+        for name in ("weight_zero_point", "bias"):
+            if not hasattr(self, name):
+                setattr(self, name, None)
+
+    # ------------------------------------------------------------------------------------ plan and tensors
+    @property
+    def weight_spec(self) -> TensorSpec:
+        return self.layer_plan.weights
+
+    @property
+    def input_spec(self) -> TensorSpec | None:
+        return self.layer_plan.activations
+
+    @property
+    def weight_shape(self) -> torch.Size:
+        return torch.Size(self.layer_plan.weight_shape)
+
+    @property
+    def extras(self) -> Mapping[str, Mapping]:
+        return self.layer_plan.extras
+
+    @property
+    def is_prepared(self) -> bool:
+        """True until :meth:`convert`: the layer holds and computes with its floating-point weight."""
+        return self._parameters.get("weight") is not None
+
+    def _store(self, name: str, tensor: Tensor, decl: TensorDecl) -> None:
+        if tuple(tensor.shape) != decl.shape or tensor.dtype != decl.dtype:
+            raise ValueError(
+                f"layer {self.layer_plan.name!r}: {name} is {tuple(tensor.shape)} {tensor.dtype}, its plan "
+                f"declares {decl.shape} {decl.dtype}"
+            )
+        if name in self.__dict__ and name not in self._buffers and name not in self._parameters:
+            del self.__dict__[name]  # a placeholder None (see __init__)
+        if decl.parameter:
+            self._parameters.pop(name, None)
+            self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+        else:
+            self._buffers.pop(name, None)
+            self.register_buffer(name, tensor)
+
+    def set_layer_plan(self, layer: LayerPlan, tensors: Mapping[str, Tensor] | None = None) -> None:
+        """Adopt a changed plan entry (new specs while prepared, or new extras with their ``tensors``).
+
+        Every tensor the new plan declares and the layer does not hold yet must be given; each is checked
+        against its declaration.
+        """
+        current = self.layer_plan
+        if (layer.name, layer.layer_type, layer.weight_shape) != (
+            current.name,
+            current.layer_type,
+            current.weight_shape,
+        ):
+            raise ValueError(f"plan entry {layer.name!r} describes another layer than {current.name!r}")
+        if not self.is_prepared and (layer.weights, layer.activations) != (current.weights, current.activations):
+            raise ValueError(f"layer {layer.name!r} is converted: its specs can no longer change")
+        if "lowrank" in layer.extras and getattr(self, "groups", 1) != 1:
+            raise ValueError(f"layer {layer.name!r}: a low-rank branch needs a convolution with one group")
+        tensors = dict(tensors or {})
+        for name, decl in layer.stored_tensors().items():
+            if name in tensors:
+                self._store(name, tensors.pop(name).detach().to(device=self.tensor_device()), decl)
+            elif not (self.is_prepared and name in _CONVERTED_TENSORS) and name != "bias" and not self._holds(name):
+                raise ValueError(f"layer {layer.name!r}: its plan declares {name!r}: pass the tensor")
+        if tensors:
+            raise ValueError(f"layer {layer.name!r}: tensors {sorted(tensors)} are not declared by its plan")
+        self.layer_plan = layer
+        self._drop_kernel()
+
+    def _holds(self, name: str) -> bool:
+        return name in self._buffers or self._parameters.get(name) is not None
+
+    def tensor_device(self) -> torch.device:
+        """The device the layer's tensors live on."""
+        reference = self.weight if self.is_prepared else self.weight_scale
+        return reference.device
+
+    # ------------------------------------------------------------------------------------------ taps
+    def register_input_tap(self, tap: Callable[[Tensor], None]) -> RemovableHandle:
+        """Call ``tap(x)`` with every input at the point where it is (or will be) quantized, i.e. after the
+        input pre-scale. Returns a handle; whoever registers a tap removes it (``handle.remove()``)."""
+        handle = RemovableHandle(self._input_taps)
+        self._input_taps[handle.id] = tap
+        return handle
+
+    # ---------------------------------------------------------------------------------------- conversion
+    def convert(self, weight: QuantizedWeight | None = None, input_qparams: InputQParams | None = None) -> None:
+        """Prepared -> converted: store the integer weight (``weight``, or the float weight rounded to
+        nearest) and the input quantization, and drop the floating-point weight."""
+        if not self.is_prepared:
+            raise RuntimeError(f"layer {self.layer_plan.name!r} is already converted")
+        if self.input_spec is not None and input_qparams is None:
+            raise CalibrationError(f"no input scale for layer {self.layer_plan.name!r}: calibrate before converting")
+        float_weight = self._parameters.pop("weight")
+        if weight is None:
+            weight = quantize_weight(float_weight.detach(), self.weight_spec)
+        declared = self.layer_plan.stored_tensors()
+        device = float_weight.device
+        for name, tensor in zip(QuantizedWeight._fields, weight, strict=True):
+            if tensor is not None:
+                self._store(name, tensor.to(device), declared[name])
+        if self.bias is not None:
+            self._store("bias", self.bias.detach().float().clone(), declared["bias"])
+        if self.input_spec is not None:
+            self.set_input_qparams(*input_qparams)
+        self._drop_kernel()
 
     def set_weight(self, weight: Tensor) -> None:
-        """Quantize and store a floating-point weight of this layer's shape."""
+        """Quantize (round to nearest) and store a floating-point weight of this layer's shape."""
         if tuple(weight.shape) != tuple(self.weight_shape):
             raise ValueError(f"weight shape {tuple(weight.shape)} != layer shape {tuple(self.weight_shape)}")
-        weight_q, scale, zero_point = quantize_weight(weight, self.weight_spec)
+        if self.is_prepared:
+            raise RuntimeError("a prepared layer holds its float weight: change it, then convert()")
         device = self.weight_scale.device  # weight_q may be released to the kernel: see integer_weight()
-        self.weight_q = weight_q.to(device)
-        self.weight_scale = scale.to(device)
-        if zero_point is not None:
-            self.weight_zero_point = zero_point.to(self.weight_zero_point.device)
+        declared = self.layer_plan.stored_tensors()
+        for name, tensor in zip(QuantizedWeight._fields, quantize_weight(weight, self.weight_spec), strict=True):
+            if tensor is not None:
+                self._store(name, tensor.to(device), declared[name])
         self._drop_kernel()
 
     def set_input_qparams(self, scale: Tensor, zero_point: Tensor) -> None:
-        """Store the calibrated static input scale and zero point."""
+        """Store the calibrated input scale and zero point (0-d, or one per timestep group)."""
         if self.input_spec is None:
             raise ValueError("this layer keeps its inputs in floating point")
-        self.input_scale = scale.detach().reshape(()).float().to(self.input_scale.device)
-        self.input_zero_point = zero_point.detach().reshape(()).to(torch.int32).to(self.input_zero_point.device)
+        declared = self.layer_plan.stored_tensors()
+        device = self.tensor_device()
+        shape = declared["input_scale"].shape
+        self._store("input_scale", scale.detach().reshape(shape).float().to(device), declared["input_scale"])
+        self._store(
+            "input_zero_point",
+            zero_point.detach().reshape(shape).to(torch.int32).to(device),
+            declared["input_zero_point"],
+        )
         self._drop_kernel()
+
+    # ------------------------------------------------------------------------------------------ forward
+    def forward(self, x: Tensor) -> Tensor:
+        x = self._pre_scaled(x)
+        for tap in tuple(self._input_taps.values()):
+            tap(x)
+        if self.is_prepared:
+            y = self._op(x, self.weight, self.bias)
+        else:
+            y = self._integer_forward(x)
+            if y is None:
+                y = self._reference_op(x)
+        return self._with_branch(y, x)
+
+    def reference_forward(self, x: Tensor) -> Tensor:
+        """The fake-quant path: the float op on the fake-quantized input and the dequantized weight."""
+        x = self._pre_scaled(x)
+        return self._with_branch(self._reference_op(x), x)
+
+    def _reference_op(self, x: Tensor) -> Tensor:
+        return self._op(self.quantize_input(x), self.dequantized_weight().to(x.dtype), _cast(self.bias, x))
+
+    def _pre_scaled(self, x: Tensor) -> Tensor:
+        if "input_pre_scale" not in self.extras:
+            return x
+        return x * self._per_channel(self.input_pre_scale.to(x.dtype))
+
+    def _with_branch(self, y: Tensor, x: Tensor) -> Tensor:
+        if "lowrank" not in self.extras:
+            return y
+        return y + self._branch(x, self.lowrank_down.to(x.dtype), self.lowrank_up.to(x.dtype))
+
+    def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The float op of the layer (``F.linear`` / ``F.conv2d`` with its geometry)."""
+        raise NotImplementedError
+
+    def _branch(self, x: Tensor, down: Tensor, up: Tensor) -> Tensor:
+        """``up(down(x))``: the low-rank branch on the (pre-scaled) floating-point input."""
+        raise NotImplementedError
+
+    def _per_channel(self, vector: Tensor) -> Tensor:
+        """``vector`` ``(C_in,)`` shaped to broadcast over the input's channel dimension."""
+        raise NotImplementedError
+
+    def call_input_qparams(self) -> InputQParams:
+        """The input scale and zero point of this call: the static pair, or the current timestep group's."""
+        if "timestep_groups" not in self.extras:
+            return InputQParams(self.input_scale, self.input_zero_point)
+        group = self.timestep_group()
+        return InputQParams(self.input_scale[group], self.input_zero_point[group])
+
+    def timestep_group(self) -> int:
+        """Index of the group of the denoiser's current timestep.
+
+        Group ``g`` holds the timesteps ``t`` with ``edges[g-1] <= t < edges[g]``; timesteps outside the
+        calibrated range take the first or the last group.
+        """
+        clock = self.step_clock
+        if clock is None or clock.timestep is None:
+            raise RuntimeError(
+                f"layer {self.layer_plan.name!r} has per-timestep input scales but no current timestep: load the "
+                "model with quantdiff (load_quantized_denoiser), or call "
+                "quantdiff.calibration.timestep.attach_step_clock(denoiser)"
+            )
+        return bisect.bisect_right(self.timestep_edges.tolist(), clock.timestep)
+
+    def quantize_input(self, x: Tensor) -> Tensor:
+        """Fake-quantize ``x`` with this call's input scale (identity for weight-only layers)."""
+        if self.input_spec is None:
+            return x
+        scale, zero_point = self.call_input_qparams()
+        return fake_quantize(x, scale, zero_point, self.input_spec.bits, self.input_spec.symmetric)
+
+    def dequantized_weight(self) -> Tensor:
+        """The float32 weight the integer weight stands for (the float weight itself while prepared)."""
+        if self.is_prepared:
+            return self.weight.detach().float()
+        return dequantize_weight(
+            self.integer_weight(), self.weight_scale, self.weight_zero_point, self.weight_spec, self.weight_shape
+        )
 
     # ------------------------------------------------------------------------------------ execution mode
     def set_execution(
@@ -216,16 +344,16 @@ class QuantizedLayer(nn.Module):
 
         Args:
             mode: ``"reference"`` or ``"integer"``.
-            support: from :func:`quantdiff.nn.kernels.kernel_support` (computed here when omitted).
+            support: from :func:`quantdiff.nn.kernels.kernel_support` (computed here when needed).
             allow_inexact: in integer mode, run the kernel even where it can saturate (weights that are not
                 pair-safe on a CPU without VNNI): faster, but wrong. Default: such layers keep the reference.
-            backend: ``"auto"`` (oneDNN for weights on the CPU, ``torch._int_mm`` on CUDA), ``"onednn"``
-                (:mod:`quantdiff.nn.kernels`) or ``"int_mm"`` (:mod:`quantdiff.nn.int_mm`, any device).
+            backend: ``"auto"`` or a backend of :data:`quantdiff.nn.kernels.BACKENDS` (``"onednn"``,
+                ``"int_mm"``).
         """
         if mode not in EXECUTION_MODES:
             raise ValueError(f"execution mode {mode!r} is unknown: use one of {', '.join(EXECUTION_MODES)}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend {backend!r} is unknown: use one of {', '.join(BACKENDS)}")
+        if self.is_prepared:
+            raise RuntimeError(f"layer {self.layer_plan.name!r} is not converted yet: it has no integer weights")
         self.execution = mode
         self._allow_inexact = allow_inexact
         self._support = support
@@ -234,39 +362,48 @@ class QuantizedLayer(nn.Module):
         return self.execution_decision()
 
     def execution_decision(self) -> KernelDecision:
-        """The path this layer takes now (prepacks the kernel if integer mode needs it)."""
+        """The path this layer takes now (builds the kernel if integer mode needs it)."""
         if self.execution != "integer":
             return _REFERENCE
         if self._decision is None:
-            backend = self._backend
-            if backend == "auto":
-                backend = "int_mm" if self.weight_q.device.type == "cuda" else "onednn"
-            if backend == "int_mm":
-                self._kernel, self._decision = build_int_mm_kernel(self)
-            else:
-                if self._support is None:
-                    self._support = kernel_support()
-                self._kernel, self._decision = build_kernel(self, self._support, self._allow_inexact)
+            if self._support is None and self._backend != "int_mm" and self.weight_q.device.type == "cpu":
+                self._support = kernel_support()
+            self._kernel, self._decision = select_kernel(
+                self.kernel_inputs(), self._backend, support=self._support, allow_inexact=self._allow_inexact
+            )
             if self._kernel is not None:
-                self._buffers["weight_q"] = None  # the packed copy holds it now: see integer_weight()
+                self._buffers["weight_q"] = None  # the kernel's copy holds it now: see integer_weight()
         return self._decision
+
+    def kernel_inputs(self) -> KernelInputs:
+        """What a kernel is built from (:class:`~quantdiff.nn.kernels.KernelInputs`)."""
+        quantized_input = self.input_spec is not None
+        return KernelInputs(
+            weight_q=self.integer_weight(),
+            weights=self.weight_spec,
+            weight_shape=self.weight_shape,
+            weight_scale=self.weight_scale,
+            activations=self.input_spec,
+            input_scale=self.input_scale if quantized_input else None,
+            input_zero_point=self.input_zero_point if quantized_input else None,
+            conv=ConvGeometry.of(self) if isinstance(self, QuantizedConv2d) else None,
+            per_call_input_scale="timestep_groups" in self.extras,
+        )
 
     @property
     def holds_weight_q(self) -> bool:
-        """False while the integer kernel's packed copy is the only copy of the weight."""
-        return self._buffers["weight_q"] is not None
+        """False while the integer kernel's packed copy is the only copy of the weight (and while prepared)."""
+        return self._buffers.get("weight_q") is not None
 
     def integer_weight(self) -> Tensor:
         """The stored integer weight (``weight_q``'s layout), rebuilt from the kernel while it is released."""
-        stored = self._buffers["weight_q"]
+        stored = self._buffers.get("weight_q")
         if stored is not None:
             return stored
+        if self._kernel is None:
+            raise RuntimeError(f"layer {self.layer_plan.name!r} is not converted yet: it has no integer weight")
         dense = self._kernel.dense_weight()  # (C_out, K) int8, widened for 4-bit weights
         return pack_int4(dense) if self.weight_spec.packed else dense
-
-    def _restore_weight_q(self) -> None:
-        if self._buffers["weight_q"] is None:
-            self._buffers["weight_q"] = self.integer_weight()
 
     @property
     def kernel_bytes(self) -> int:
@@ -275,7 +412,7 @@ class QuantizedLayer(nn.Module):
 
     def _drop_kernel(self) -> None:
         if self._kernel is not None:
-            self._restore_weight_q()
+            self._buffers["weight_q"] = self.integer_weight()
         self._kernel, self._decision = None, None
 
     def _integer_forward(self, x: Tensor) -> Tensor | None:
@@ -297,7 +434,7 @@ class QuantizedLayer(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if not self.holds_weight_q:  # released in integer mode: the saved file is the same in either mode
+        if not self.is_prepared and not self.holds_weight_q:  # released: the file is the same in either mode
             destination[prefix + "weight_q"] = self.integer_weight()
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
@@ -311,27 +448,19 @@ class QuantizedLayer(nn.Module):
     def __getstate__(self) -> dict:
         # The packed oneDNN tensor cannot be copied or pickled; copies rebuild it on their first forward.
         state = self.__dict__.copy()
-        state["_buffers"] = {**self._buffers, "weight_q": self.integer_weight()}
+        if self._kernel is not None:
+            state["_buffers"] = {**self._buffers, "weight_q": self.integer_weight()}
         state["_kernel"], state["_decision"] = None, None
         return state
 
-    def dequantized_weight(self) -> Tensor:
-        """The float32 weight the integer weight stands for."""
-        return dequantize_weight(
-            self.integer_weight(), self.weight_scale, self.weight_zero_point, self.weight_spec, self.weight_shape
-        )
-
-    def quantize_input(self, x: Tensor) -> Tensor:
-        """Fake-quantize ``x`` with the static input scale (identity for weight-only layers)."""
-        if self.input_spec is None:
-            return x
-        return fake_quantize(
-            x, self.input_scale, self.input_zero_point, self.input_spec.bits, self.input_spec.symmetric
-        )
-
     def extra_repr(self) -> str:
         act = self.input_spec.describe() if self.input_spec else "fp"
-        return f"weight={tuple(self.weight_shape)} [{self.weight_spec.describe()}], input=[{act}], bias={self.bias is not None}"
+        state = ", prepared" if self.is_prepared else ""
+        extras = f", extras={sorted(self.extras)}" if self.extras else ""
+        return (
+            f"weight={tuple(self.weight_shape)} [{self.weight_spec.describe()}], input=[{act}], "
+            f"bias={self.bias is not None}{extras}{state}"
+        )
 
 
 class QuantizedLinear(QuantizedLayer):
@@ -339,54 +468,56 @@ class QuantizedLinear(QuantizedLayer):
 
     @classmethod
     def like(cls, linear: nn.Linear, layer: LayerPlan) -> QuantizedLinear:
-        """An empty module with ``linear``'s geometry and device (use on meta to build a loading skeleton)."""
-        return cls(
-            tuple(linear.weight.shape), linear.bias is not None, layer.weights, layer.activations, linear.weight.device
-        )
+        """An empty converted module with ``linear``'s geometry and device (on meta: a loading skeleton)."""
+        return cls(layer, linear.weight.device)
 
-    def forward(self, x: Tensor) -> Tensor:
-        y = self._integer_forward(x)
-        return self.reference_forward(x) if y is None else y
+    @classmethod
+    def prepared(cls, linear: nn.Linear, layer: LayerPlan) -> QuantizedLinear:
+        """A prepared module that holds ``linear``'s own weight and bias parameters."""
+        return cls(layer, float_weight=linear.weight, float_bias=linear.bias)
 
-    def reference_forward(self, x: Tensor) -> Tensor:
-        """The fake-quant path: float op on the fake-quantized input and the dequantized weight."""
-        return F.linear(self.quantize_input(x), self.dequantized_weight().to(x.dtype), _cast(self.bias, x))
+    def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(x, weight, bias)
+
+    def _branch(self, x: Tensor, down: Tensor, up: Tensor) -> Tensor:
+        return F.linear(F.linear(x, down), up)  # (..., C_in) -> (..., r) -> (..., C_out)
+
+    def _per_channel(self, vector: Tensor) -> Tensor:
+        return vector  # (C_in,) broadcasts over (..., C_in)
 
 
 class QuantizedConv2d(QuantizedLayer):
     """``nn.Conv2d`` with integer weights; see the module docstring for the stored tensors."""
 
-    def __init__(self, *args, stride=1, padding=0, dilation=1, groups=1, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, layer: LayerPlan, device=None, *, stride=1, padding=0, dilation=1, groups=1, **kwargs):
+        super().__init__(layer, device, **kwargs)
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+
+    @staticmethod
+    def _geometry(conv: nn.Conv2d) -> dict:
+        if conv.padding_mode != "zeros":
+            raise NotImplementedError(f"Conv2d with padding_mode={conv.padding_mode!r} cannot be quantized yet")
+        return {"stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation, "groups": conv.groups}
 
     @classmethod
     def like(cls, conv: nn.Conv2d, layer: LayerPlan) -> QuantizedConv2d:
-        """An empty module with ``conv``'s geometry and device."""
-        if conv.padding_mode != "zeros":
-            raise NotImplementedError(f"Conv2d with padding_mode={conv.padding_mode!r} cannot be quantized yet")
-        return cls(
-            tuple(conv.weight.shape),
-            conv.bias is not None,
-            layer.weights,
-            layer.activations,
-            conv.weight.device,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-        )
+        """An empty converted module with ``conv``'s geometry and device."""
+        return cls(layer, conv.weight.device, **cls._geometry(conv))
 
-    def forward(self, x: Tensor) -> Tensor:
-        y = self._integer_forward(x)
-        return self.reference_forward(x) if y is None else y
+    @classmethod
+    def prepared(cls, conv: nn.Conv2d, layer: LayerPlan) -> QuantizedConv2d:
+        """A prepared module that holds ``conv``'s own weight and bias parameters."""
+        return cls(layer, float_weight=conv.weight, float_bias=conv.bias, **cls._geometry(conv))
 
-    def reference_forward(self, x: Tensor) -> Tensor:
-        """The fake-quant path: float conv of the fake-quantized input with the dequantized weight."""
-        weight = self.dequantized_weight().to(x.dtype)
-        return F.conv2d(
-            self.quantize_input(x), weight, _cast(self.bias, x), self.stride, self.padding, self.dilation, self.groups
-        )
+    def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _branch(self, x: Tensor, down: Tensor, up: Tensor) -> Tensor:
+        hidden = F.conv2d(x, down, None, self.stride, self.padding, self.dilation)  # (N, r, H', W')
+        return F.conv2d(hidden, up[:, :, None, None])  # (N, C_out, H', W')
+
+    def _per_channel(self, vector: Tensor) -> Tensor:
+        return vector[:, None, None]  # (C_in, 1, 1) broadcasts over (N, C_in, H, W) and (C_in, H, W)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, stride={self.stride}, padding={self.padding}, groups={self.groups}"
@@ -397,170 +528,3 @@ QUANTIZED_CLASSES: dict[str, type[QuantizedLayer]] = {"Linear": QuantizedLinear,
 
 def _cast(bias: Tensor | None, x: Tensor) -> Tensor | None:
     return None if bias is None else bias.to(x.dtype)
-
-
-@dataclass(frozen=True)
-class LayerExecution:
-    """One quantized layer's path after :func:`use_integer_kernels` / :func:`use_reference`.
-
-    Attributes:
-        name: qualified module name in the model.
-        layer_type: ``Linear`` or ``Conv2d``.
-        weights: the weight spec, described (``int8 sym channel minmax pair-safe``).
-        path: ``"integer"`` or ``"reference"``.
-        reason: why, e.g. ``"int8 oneDNN; pair-safe weights"`` or ``"reference: per-group weights ..."``.
-        exact: the path computes what the reference computes (False: an allowed, saturating integer layer).
-        widened: 4-bit weights widened to int8 for the kernel.
-        stored_bytes: bytes of ``weight_q`` held now: 0 on the integer path, where the packed copy replaces it.
-        kernel_bytes: bytes of the kernel's prepacked copy (integer path only).
-    """
-
-    name: str
-    layer_type: str
-    weights: str
-    path: str
-    reason: str
-    exact: bool
-    widened: bool
-    stored_bytes: int
-    kernel_bytes: int
-
-
-@dataclass(frozen=True)
-class ExecutionSummary:
-    """Per-layer paths of a model, with what the CPU's int8 kernels can do (``support``).
-
-    ``attention`` is the dtype its attention modules compute scaled-dot-product attention in
-    (``"float32"``, ``"bfloat16"``: see :mod:`quantdiff.nn.attention`; None: no attention modules).
-    """
-
-    mode: str
-    support: KernelSupport | None
-    layers: tuple[LayerExecution, ...]
-    attention: str | None = None
-
-    @property
-    def integer(self) -> tuple[LayerExecution, ...]:
-        return tuple(layer for layer in self.layers if layer.path == "integer")
-
-    @property
-    def reference(self) -> tuple[LayerExecution, ...]:
-        return tuple(layer for layer in self.layers if layer.path == "reference")
-
-    @property
-    def inexact(self) -> tuple[LayerExecution, ...]:
-        return tuple(layer for layer in self.layers if not layer.exact)
-
-    def to_dict(self) -> dict:
-        return {
-            "mode": self.mode,
-            "support": None if self.support is None else self.support.describe(),
-            "integer_layers": len(self.integer),
-            "reference_layers": len(self.reference),
-            "stored_bytes": sum(layer.stored_bytes for layer in self.layers),
-            "kernel_bytes": sum(layer.kernel_bytes for layer in self.layers),
-            "attention": self.attention,
-            "layers": [layer.__dict__.copy() for layer in self.layers],
-        }
-
-    def format(self, max_layers: int | None = None) -> str:
-        """Plain text: one header line, then one line per layer (``name  path  reason``)."""
-        lines = [
-            f"{self.mode} mode: {len(self.integer)} of {len(self.layers)} quantized layers on the int8 kernel, "
-            f"{len(self.reference)} on the reference path"
-            + (f", {len(self.inexact)} INEXACT" if self.inexact else "")
-            + (f" ({self.support.describe()})" if self.support is not None else "")
-            + (f"; attention in {self.attention}" if self.attention is not None else "")
-        ]
-        width = max((len(layer.name) for layer in self.layers), default=0)
-        shown = self.layers if max_layers is None else self.layers[:max_layers]
-        lines += [f"  {layer.name:<{width}}  {layer.path:<9}  {layer.reason}" for layer in shown]
-        if len(shown) < len(self.layers):
-            lines.append(f"  ... {len(self.layers) - len(shown)} more")
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.format()
-
-
-def use_integer_kernels(
-    model: nn.Module, *, allow_inexact: bool = False, attention: str = "auto", backend: str = "auto"
-) -> ExecutionSummary:
-    """Switch ``model`` to its deployment path: each quantized layer on the int8 kernel where it can take it.
-
-    Each layer's int8 weight is prepacked once here into the kernel's own copy, which replaces ``weight_q``
-    (see :mod:`quantdiff.nn.kernels`); layers that cannot run the kernel keep the reference path, and the
-    summary says why for each. Nothing saved changes: ``save_quantized`` writes the same file in either mode.
-
-    Args:
-        model: any module containing :class:`QuantizedLinear` / :class:`QuantizedConv2d` layers.
-        allow_inexact: also run layers whose weights are not pair-safe on a CPU that saturates int16 pair
-            sums (AVX2 without VNNI). Their results are wrong (14-46 dB per layer measured); a warning
-            names them. Default: they stay on the reference path.
-        attention: dtype of the attention modules' scaled-dot-product attention: ``"auto"`` (bf16 where the
-            CPU computes bf16 natively, else fp32), ``"float32"`` or ``"bfloat16"``
-            (:mod:`quantdiff.nn.attention`). :func:`use_reference` restores fp32.
-        backend: ``"auto"`` (oneDNN on the CPU, ``torch._int_mm`` for layers on CUDA), ``"onednn"``, or
-            ``"int_mm"`` on any device (:mod:`quantdiff.nn.int_mm`; on the CPU only a check of the GPU math).
-
-    Returns:
-        The per-layer :class:`ExecutionSummary`.
-    """
-    support = None if backend == "int_mm" else kernel_support()  # what the oneDNN path can do on this CPU
-    device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device.type
-    use_attention_dtype(model, resolve_attention(attention, device))
-    summary = _switch(model, "integer", support, allow_inexact, backend)
-    if summary.inexact:
-        warnings.warn(
-            f"{len(summary.inexact)} layer(s) run the int8 kernel although their weights are not pair-safe on "
-            f"this CPU ({summary.support.describe()}); their outputs saturate and are wrong, e.g. "
-            f"{summary.inexact[0].name}. Quantize with pair_safe weights (preset w8a8-int) instead.",
-            stacklevel=2,
-        )
-    return summary
-
-
-def use_reference(model: nn.Module) -> ExecutionSummary:
-    """Switch every quantized layer of ``model`` back to the reference (fake-quant) path, attention to fp32;
-    frees the kernels."""
-    use_attention_dtype(model, "float32")
-    return _switch(model, "reference", None, False)
-
-
-def execution_summary(model: nn.Module) -> ExecutionSummary:
-    """The current per-layer paths of ``model`` without switching anything."""
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantizedLayer)]
-    modes = {m.execution for _, m in layers}
-    support = next((m._support for _, m in layers if m._support is not None), None)
-    return ExecutionSummary(
-        modes.pop() if len(modes) == 1 else "mixed",
-        support,
-        tuple(_describe(n, m) for n, m in layers),
-        attention_dtype(model),
-    )
-
-
-def _switch(
-    model: nn.Module, mode: str, support: KernelSupport | None, allow_inexact: bool, backend: str = "auto"
-) -> ExecutionSummary:
-    layers = []
-    for name, module in model.named_modules():
-        if isinstance(module, QuantizedLayer):
-            module.set_execution(mode, support=support, allow_inexact=allow_inexact, backend=backend)
-            layers.append(_describe(name, module))
-    return ExecutionSummary(mode, support, tuple(layers), attention_dtype(model))
-
-
-def _describe(name: str, module: QuantizedLayer) -> LayerExecution:
-    decision = module.execution_decision()
-    return LayerExecution(
-        name=name,
-        layer_type=type(module).__name__.removeprefix("Quantized"),
-        weights=module.weight_spec.describe(),
-        path=decision.path,
-        reason=decision.reason,
-        exact=decision.exact,
-        widened=decision.widened,
-        stored_bytes=module.weight_q.numel() * module.weight_q.element_size() if module.holds_weight_q else 0,
-        kernel_bytes=module.kernel_bytes,
-    )

@@ -2,11 +2,12 @@
 
 ``digits-sd`` (Stable Diffusion layout) and ``digits-sd3`` (SD3 / MMDiT layout) are small text-to-image
 models trained on coloured digits by ``scripts/train_digits.py``; their fp16 weights ship inside the
-package (``quantdiff/data/models``), with their own calibration and evaluation prompts.
+package with the digits demo (``quantdiff/demo/digits/models``), with their own calibration and
+evaluation prompts.
 
 ``tiny-sd15``, ``tiny-sdxl``, ``tiny-sd3`` and ``tiny-pixart`` are random-weight pipelines built from
-configs (see ``tiny.py``) on first use and cached, so ``quantdiff serve tiny-sd15`` works on a fresh
-machine with no download. The cache is ``$QUANTDIFF_CACHE`` or ``~/.cache/quantdiff``.
+configs (``quantdiff.testing.tiny``) on first use and cached, so ``quantdiff serve tiny-sd15`` works on
+a fresh machine with no download. The cache is ``$QUANTDIFF_CACHE`` or ``~/.cache/quantdiff``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from quantdiff.atomic import atomic_directory
 from quantdiff.errors import QuantDiffError
-from quantdiff.pipelines.tiny import TINY_ARCHITECTURES, build_tiny_pipeline
+from quantdiff.testing.tiny import TINY_ARCHITECTURES, build_tiny_pipeline
 
 TINY = tuple(f"tiny-{arch}" for arch in TINY_ARCHITECTURES)
 TRAINED = ("digits-sd", "digits-sd3")
@@ -44,7 +45,7 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
 
 def trained_model_folder(name: str) -> Path:
     """The shipped folder of a trained bundled model (inside the installed package)."""
-    folder = Path(str(resources.files("quantdiff").joinpath("data", "models", name)))
+    folder = Path(str(resources.files("quantdiff.demo.digits").joinpath("models", name)))
     if not (folder / "model_index.json").is_file():
         raise QuantDiffError(
             f"bundled model '{name}' is missing from this install ({folder}); "

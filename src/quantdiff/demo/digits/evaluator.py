@@ -3,8 +3,8 @@
 It judges generated images of the digits models the way Inception-v3 judges ImageNet-like ones: its
 three heads give prompt adherence (does the image show what the caption says?) and an Inception Score,
 and its penultimate features give "FID-digits". Trained on renders of the train-split source digits
-only (``scripts/train_evaluator.py``); the trained weights ship as ``quantdiff/data/digits_evaluator.safetensors``
-with their config in the file's metadata.
+only (``scripts/train_evaluator.py``); the trained weights ship next to this module as
+``evaluator.safetensors``, with their config in the file's metadata.
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from quantdiff.evaluation.digits import COLOURS, PALETTE, DigitsDataset, DigitSpec, make_dataset, spec_labels
+from quantdiff.demo.digits.data import COLOURS, PALETTE, DigitsDataset, DigitSpec, make_dataset, spec_labels
 from quantdiff.evaluation.metrics import fid_from_features, inception_score
 
 FORMAT = "quantdiff-digits-evaluator"
 FORMAT_VERSION = 1
 HEADS = ("digit", "foreground", "background")
-_SHIPPED = "data/digits_evaluator.safetensors"
+_SHIPPED = "evaluator.safetensors"  # in this package
 
 
 @dataclass(frozen=True)
@@ -325,7 +325,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 def shipped_evaluator_path() -> resources.abc.Traversable:
     """The evaluator file inside the installed package."""
-    return resources.files("quantdiff").joinpath(_SHIPPED)
+    return resources.files(__package__).joinpath(_SHIPPED)
 
 
 def load_evaluator(path: str | Path | None = None, device: str | torch.device = "cpu") -> DigitsEvaluator:

@@ -9,7 +9,7 @@ ONNX Runtime and PT2E were slower, inexact against our reference, or both.
 
 What one layer does here:
 
-* once, at :func:`build_kernel` (when a model is switched to integer mode): the int8 weight is
+* once, at :meth:`OneDNNBackend.build` (when a model is switched to integer mode): the int8 weight is
   *prepacked* into oneDNN's blocked layout (``qlinear_prepack`` / ``qconv_prepack``). The packed copy is
   the kernel's own tensor, held on the module as a plain attribute: never in ``state_dict``, never saved.
   It is a full copy of the weight (measured: prepacking a 12.5 MiB int8 weight adds 12.5 MiB of RSS;
@@ -31,10 +31,10 @@ reference path on such a CPU unless the caller accepts wrong results (``allow_in
 saturates is decided from its flags (``avx512_vnni``, ``avx_vnni``, ``amx_int8`` in /proc/cpuinfo,
 capped by ``ONEDNN_MAX_CPU_ISA``) *and* by running the kernel on a worst-case input (:func:`kernel_support`).
 
-What cannot run here (the layer keeps the reference path, and the summary says why): weight-only layers
-(no integer input), per-group weights (the kernel takes one scale per output channel), asymmetric
-weights (the kernel takes zero-point-free weights), weights or inputs off the CPU, non-float32 inputs,
-inputs that need gradients. 4-bit weights with one scale per channel are widened to int8 for the kernel
+What cannot run here (the layer keeps the reference path, and the summary says why): what no int8 kernel
+of ours takes (:func:`quantdiff.nn.kernels.shared_blockers`: weight-only layers, per-group or asymmetric
+weights, input scales that change per call), weights or inputs off the CPU, non-float32 inputs, inputs
+that need gradients. 4-bit weights with one scale per channel are widened to int8 for the kernel
 (the stored weight stays packed; the kernel's copy is int8).
 
 One behavioural difference: NaN inputs have no uint8 image, so the kernel turns them into an arbitrary
@@ -43,18 +43,16 @@ finite value where the reference path propagates NaN.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.nn.modules.utils import _pair
 
-from quantdiff.primitives import pair_sums, unpack_int4
-from quantdiff.recipe import TensorSpec
+from quantdiff.nn.kernels import KernelDecision, KernelInputs, shared_blockers
+from quantdiff.primitives import pair_sums
 
-__all__ = ["KernelSupport", "KernelDecision", "IntegerKernel", "kernel_support", "decide", "build_kernel"]
+__all__ = ["IntegerKernel", "KernelSupport", "OneDNNBackend", "kernel_support"]
 
 INT16_MAX = 32767
 _OPS = ("qlinear_prepack", "qlinear_pointwise", "qconv_prepack", "qconv_pointwise")
@@ -92,25 +90,6 @@ class KernelSupport:
         return f"oneDNN int8 kernels, CPU {self.cpu_capability}, VNNI {'yes' if self.vnni else 'no'}: {pairs}"
 
 
-@dataclass(frozen=True)
-class KernelDecision:
-    """Which path one layer takes in integer mode, and why.
-
-    Attributes:
-        path: ``"integer"`` (oneDNN kernel) or ``"reference"`` (fake-quant forward).
-        reason: one line for reports, e.g. ``"int8 oneDNN; pair-safe weights"`` or
-            ``"reference: per-group weights (group128) ..."``.
-        exact: the path computes what the reference computes (up to fp32 rounding of the rescale);
-            False only for an integer layer that can saturate and was allowed to run anyway.
-        widened: the stored 4-bit weight is widened to int8 for the kernel.
-    """
-
-    path: str
-    reason: str
-    exact: bool = True
-    widened: bool = False
-
-
 def _cpu_has_vnni() -> bool:
     """VNNI / AMX int8 instructions in /proc/cpuinfo, unless oneDNN is capped below them by the environment."""
     cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
@@ -142,19 +121,13 @@ def _qconv(q: Tensor, x_scale: float, x_zp: int, packed: Tensor, w_scale: Tensor
     return torch.ops.onednn.qconv_pointwise(q, x_scale, x_zp, packed, w_scale, w_zp, bias, *conv_args, *_FP32_OUT)
 
 
-def _conv_args(conv: dict, kernel_size: tuple[int, ...]) -> tuple[list[int], list[int], list[int], int] | None:
+def _conv_args(inputs: KernelInputs) -> tuple[list[int], list[int], list[int], int] | None:
     """``(stride, padding, dilation, groups)`` as the ops take them; None when padding cannot be expressed."""
-    stride, dilation = [int(v) for v in _pair(conv["stride"])], [int(v) for v in _pair(conv["dilation"])]
-    padding = conv["padding"]
-    if isinstance(padding, str):  # nn.Conv2d's 'valid' / 'same'
-        totals = [d * (k - 1) for k, d in zip(kernel_size, dilation, strict=True)]
-        if padding == "valid":
-            padding = [0, 0]
-        elif padding == "same" and all(t % 2 == 0 for t in totals):
-            padding = [t // 2 for t in totals]
-        else:
-            return None
-    return stride, [int(v) for v in _pair(padding)], dilation, int(conv["groups"])
+    conv = inputs.conv
+    padding = conv.explicit_padding(tuple(inputs.weight_shape[2:]))
+    if padding is None:
+        return None
+    return list(conv.stride), list(padding), list(conv.dilation), conv.groups
 
 
 def kernel_support() -> KernelSupport:
@@ -198,103 +171,76 @@ def kernel_support() -> KernelSupport:
     return KernelSupport(True, "", capability, vnni, (not vnni) or probe_saturated, probe)
 
 
-def decide(
-    weights: TensorSpec,
-    activations: TensorSpec | None,
-    weight_q: Tensor,
-    weight_shape: torch.Size,
-    support: KernelSupport,
-    conv: dict | None = None,
-    allow_inexact: bool = False,
-) -> KernelDecision:
-    """Whether a layer with these specs and stored integers can run on the oneDNN kernel, and why (not).
+class OneDNNBackend:
+    """oneDNN's int8 conv / linear on x86 CPUs (see the module docstring)."""
 
-    Args:
-        weights: the layer's weight spec.
-        activations: its input spec (``None``: weight-only).
-        weight_q: the stored integer weight ``(C_out, K)`` (or packed 4-bit).
-        weight_shape: the float weight's shape ``(C_out, C_in / groups, ...)``.
-        support: from :func:`kernel_support`.
-        conv: ``{"stride", "padding", "dilation", "groups"}`` for a Conv2d, ``None`` for a Linear.
-        allow_inexact: run layers that can saturate anyway (marked ``exact=False``).
-    """
-    blockers = []  # every reason the layer cannot take the kernel, so a report names them all
-    if not support.available:
-        blockers.append(support.reason)
-    if weight_q.device.type != "cpu":
-        blockers.append(f"weights on {weight_q.device} (the oneDNN kernels are CPU only)")
-    if activations is None:
-        blockers.append("weight-only layer (inputs stay floating point: no int8 input for the kernel)")
-    elif activations.granularity != "tensor":
-        blockers.append(f"per-{activations.granularity} activations (the kernel takes one input scale)")
-    if weights.granularity == "group":
-        blockers.append(f"per-group weights (group{weights.group_size}): the kernel takes one scale per output channel")
-    if not weights.symmetric:
-        blockers.append("asymmetric weights (the kernel takes zero-point-free weights)")
-    if conv is not None and _conv_args(conv, tuple(weight_shape[2:])) is None:
-        blockers.append(f"padding={conv['padding']!r} would be asymmetric")
-    if blockers:
-        return KernelDecision("reference", "reference: " + "; ".join(blockers))
-    widened = weights.packed
-    reason = "int8 oneDNN" + ("; int4 weights widened to int8" if widened else "")
-    if not support.saturates:
-        return KernelDecision("integer", reason + "; no int16 saturation on this CPU", True, widened)
-    q = int8_weight(weight_q, weights, weight_shape)  # (C_out, K)
-    worst = int(pair_sums(q.reshape(weight_shape[0], weight_shape[1], -1)).max()) if q.numel() else 0
-    x_max = 255 if activations.symmetric else (1 << activations.bits) - 1  # largest uint8 input value
-    if x_max * worst <= INT16_MAX:
-        safe = "pair-safe weights" if weights.pair_safe else f"pairs within int16 (worst pair sum {worst})"
-        return KernelDecision("integer", f"{reason}; {safe}", True, widened)
-    problem = (
-        f"weights not pair-safe for this CPU (worst same-sign pair sum {worst} x input {x_max} > {INT16_MAX}: "
-        "AVX2 without VNNI saturates int16)"
-    )
-    if allow_inexact:
-        return KernelDecision("integer", f"{reason}; INEXACT: {problem}", False, widened)
-    return KernelDecision("reference", f"reference: {problem}; quantize with pair_safe weights (preset w8a8-int)")
+    name = "onednn"
 
+    def decide(self, inputs: KernelInputs, support: KernelSupport | None, allow_inexact: bool) -> KernelDecision:
+        """Whether the layer can run on the oneDNN kernel, and why (not); every blocker is named.
 
-def int8_weight(weight_q: Tensor, weights: TensorSpec, weight_shape: torch.Size) -> Tensor:
-    """The stored weight as int8 ``(C_out, K)``: 4-bit weights unpacked (widened), int8 as is."""
-    k = math.prod(weight_shape[1:])
-    if weights.packed:
-        return unpack_int4(weight_q, k, signed=True)  # (C_out, K) int8
-    return weight_q
+        ``support`` comes from :func:`kernel_support` (computed here when None); ``allow_inexact`` runs
+        layers that can saturate anyway (marked ``exact=False``).
+        """
+        support = kernel_support() if support is None else support
+        blockers = []
+        if not support.available:
+            blockers.append(support.reason)
+        if inputs.weight_q.device.type != "cpu":
+            blockers.append(f"weights on {inputs.weight_q.device} (the oneDNN kernels are CPU only)")
+        blockers += shared_blockers(inputs)
+        if inputs.conv is not None and _conv_args(inputs) is None:
+            blockers.append(f"padding={inputs.conv.padding!r} would be asymmetric")
+        if blockers:
+            return KernelDecision("reference", "reference: " + "; ".join(blockers))
+        widened = inputs.weights.packed
+        reason = "int8 oneDNN" + ("; int4 weights widened to int8" if widened else "")
+        if not support.saturates:
+            return KernelDecision("integer", reason + "; no int16 saturation on this CPU", True, widened)
+        q = inputs.int8_weight()  # (C_out, K)
+        shape = inputs.weight_shape
+        worst = int(pair_sums(q.reshape(shape[0], shape[1], -1)).max()) if q.numel() else 0
+        activations = inputs.activations
+        x_max = 255 if activations.symmetric else (1 << activations.bits) - 1  # largest uint8 input value
+        if x_max * worst <= INT16_MAX:
+            safe = "pair-safe weights" if inputs.weights.pair_safe else f"pairs within int16 (worst pair sum {worst})"
+            return KernelDecision("integer", f"{reason}; {safe}", True, widened)
+        problem = (
+            f"weights not pair-safe for this CPU (worst same-sign pair sum {worst} x input {x_max} > {INT16_MAX}: "
+            "AVX2 without VNNI saturates int16)"
+        )
+        if allow_inexact:
+            return KernelDecision("integer", f"{reason}; INEXACT: {problem}", False, widened)
+        return KernelDecision("reference", f"reference: {problem}; quantize with pair_safe weights (preset w8a8-int)")
+
+    def build(self, inputs: KernelInputs) -> IntegerKernel:
+        return IntegerKernel(inputs)
 
 
 class IntegerKernel:
     """One layer's prepacked oneDNN weight and the scalars the kernel call takes.
 
     A plain object, not a module: nothing here is a parameter or buffer, so it is never saved, never moved
-    by ``.to()``, and is rebuilt from the layer's buffers (:func:`build_kernel`) when they change.
+    by ``.to()``, and is rebuilt from the layer's buffers (:meth:`OneDNNBackend.build`) when they change.
     """
 
-    def __init__(
-        self,
-        weight_q: Tensor,
-        weights: TensorSpec,
-        weight_shape: torch.Size,
-        weight_scale: Tensor,
-        activations: TensorSpec,
-        input_scale: Tensor,
-        input_zero_point: Tensor,
-        conv: dict | None,
-    ):
-        c_out = weight_shape[0]
+    def __init__(self, inputs: KernelInputs):
+        activations = inputs.activations
+        c_out = inputs.c_out
         # Python numbers, as the op schema wants (and .item() in forward would break torch.compile graphs).
-        self.x_scale = float(input_scale)
+        self.x_scale = float(inputs.input_scale)
         if activations.symmetric:  # signed q in [-2^(b-1), 2^(b-1)-1] is u8 q + 128 with zero point 128
-            self.x_zp = int(input_zero_point) + 128
+            self.x_zp = int(inputs.input_zero_point) + 128
             self.q_low, self.q_high = 128 - (1 << (activations.bits - 1)), 127 + (1 << (activations.bits - 1))
         else:
-            self.x_zp = int(input_zero_point)
+            self.x_zp = int(inputs.input_zero_point)
             self.q_low, self.q_high = 0, (1 << activations.bits) - 1
-        self.w_scale = weight_scale.reshape(-1).float().expand(c_out).contiguous()  # (C_out,) per-tensor expanded
+        self.w_scale = inputs.weight_scale.reshape(-1).float().expand(c_out).contiguous()  # (C_out,)
         self.w_zp = torch.zeros(c_out, dtype=torch.int64)
-        q = int8_weight(weight_q, weights, weight_shape).reshape(weight_shape)  # (C_out, K) or (C_out, C_in/g, kh, kw)
-        self.is_conv = conv is not None
+        q = inputs.int8_weight().reshape(inputs.weight_shape)  # (C_out, K) or (C_out, C_in/g, kh, kw)
+        self.is_conv = inputs.conv is not None
         if self.is_conv:
-            self.conv_args = _conv_args(conv, tuple(weight_shape[2:]))
+            self.conv_args = _conv_args(inputs)
             # x_shape None: any input size. The scales go in because oneDNN precomputes zero-point terms.
             self.packed = torch.ops.onednn.qconv_prepack(
                 q, self.w_scale, self.x_scale, self.x_zp, *self.conv_args, None
@@ -357,42 +303,3 @@ class IntegerKernel:
         if not x.is_contiguous(memory_format=torch.channels_last):
             y = y.contiguous()  # as nn.Conv2d: NCHW in, NCHW out (callers may .view() the result)
         return y.squeeze(0) if unbatched else y
-
-
-def conv_geometry(layer) -> dict | None:
-    """``{"stride", "padding", "dilation", "groups"}`` of a ``QuantizedConv2d``; None for a ``QuantizedLinear``."""
-    if not hasattr(layer, "groups"):
-        return None
-    return {"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation, "groups": layer.groups}
-
-
-def kernel_arguments(layer) -> tuple:
-    """What a kernel class is built from: the layer's stored integers, scales, specs and conv geometry."""
-    return (
-        layer.weight_q,
-        layer.weight_spec,
-        layer.weight_shape,
-        layer.weight_scale,
-        layer.input_spec,
-        layer.input_scale,
-        layer.input_zero_point,
-        conv_geometry(layer),
-    )
-
-
-def build_kernel(
-    layer, support: KernelSupport, allow_inexact: bool = False
-) -> tuple[IntegerKernel | None, KernelDecision]:
-    """Decide and, on the integer path, prepack one ``QuantizedLinear`` / ``QuantizedConv2d``."""
-    decision = decide(
-        layer.weight_spec,
-        layer.input_spec,
-        layer.weight_q,
-        layer.weight_shape,
-        support,
-        conv_geometry(layer),
-        allow_inexact,
-    )
-    if decision.path != "integer":
-        return None, decision
-    return IntegerKernel(*kernel_arguments(layer)), decision

@@ -5,7 +5,7 @@ Why this op: on NVIDIA GPUs PyTorch ships cuBLASLt's int8 GEMM (int8 x int8 -> i
 quantization in front of it and the dequantize epilogue behind it are plain elementwise ops that inductor
 fuses with their neighbours, and CUDA graphs (``mode="reduce-overhead"``) remove the launch overhead of
 batch-1 steps. The speed of this path has not been measured on a GPU in this repository yet:
-``benchmarks/gpu_step.py`` measures it against bf16.
+``quantdiff bench --device cuda`` measures it against bf16.
 
 The same math runs on any device (``torch._int_mm`` has a CPU reference kernel, 25-60x slower than fp32
 there), which is how the tests check it on machines without a GPU: ``use_integer_kernels(model,
@@ -32,84 +32,66 @@ padded with zero rows.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.modules.utils import _pair
 
-from quantdiff.nn.kernels import KernelDecision, conv_geometry, int8_weight, kernel_arguments
-from quantdiff.recipe import TensorSpec
+from quantdiff.nn.kernels import ConvGeometry, KernelDecision, KernelInputs, shared_blockers
 
-__all__ = ["Int8MatmulKernel", "decide_int_mm", "build_int_mm_kernel"]
+__all__ = ["Int8MatmulKernel", "IntMMBackend"]
 
 _MIN_ROWS = 17  # cuBLAS int8 GEMM wants more than 16 rows
 
 
-def _is_pointwise_conv(conv: dict, weight_shape: torch.Size) -> bool:
-    padding = conv["padding"]
-    no_padding = padding == "valid" or (not isinstance(padding, str) and all(int(p) == 0 for p in _pair(padding)))
-    return (
-        tuple(weight_shape[2:]) == (1, 1)
-        and all(int(s) == 1 for s in _pair(conv["stride"]))
-        and int(conv["groups"]) == 1
-        and (no_padding or padding == "same")
-    )
+def _is_pointwise_conv(conv: ConvGeometry, weight_shape: torch.Size) -> bool:
+    no_padding = conv.padding in ("valid", "same") or all(p == 0 for p in conv.padding)
+    return tuple(weight_shape[2:]) == (1, 1) and conv.stride == (1, 1) and conv.groups == 1 and no_padding
 
 
-def decide_int_mm(
-    weights: TensorSpec, activations: TensorSpec | None, weight_shape: torch.Size, conv: dict | None = None
-) -> KernelDecision:
-    """Whether a layer with these specs can run on ``torch._int_mm``, and why (not)."""
-    blockers = []
-    if activations is None:
-        blockers.append("weight-only layer (inputs stay floating point: no int8 input for the GEMM)")
-    elif activations.granularity != "tensor":
-        blockers.append(f"per-{activations.granularity} activations (the path takes one input scale)")
-    if weights.granularity == "group":
-        blockers.append(f"per-group weights (group{weights.group_size}): the epilogue takes one scale per channel")
-    if not weights.symmetric:
-        blockers.append("asymmetric weights (the GEMM takes zero-point-free weights)")
-    if conv is not None and not _is_pointwise_conv(conv, weight_shape):
-        size = "x".join(str(v) for v in weight_shape[2:])
-        blockers.append(f"{size} convolution (the int8 GEMM path takes 1x1 convolutions only)")
-    c_out, k = int(weight_shape[0]), math.prod(weight_shape[1:])
-    if k % 8 or c_out % 8:
-        blockers.append(f"K={k}, C_out={c_out} (cuBLAS int8 GEMM needs multiples of 8)")
-    if blockers:
-        return KernelDecision("reference", "reference: " + "; ".join(blockers))
-    widened = weights.packed
-    return KernelDecision(
-        "integer", "int8 GEMM (torch._int_mm)" + ("; int4 weights widened to int8" if widened else ""), True, widened
-    )
+class IntMMBackend:
+    """``torch._int_mm`` int8 GEMM: Linear and 1x1 Conv2d on any device (the fast path on CUDA)."""
+
+    name = "int_mm"
+
+    def decide(self, inputs: KernelInputs, support=None, allow_inexact: bool = False) -> KernelDecision:
+        """Whether the layer can run on ``torch._int_mm``, and why (not); ``support`` is the CPU's (unused)."""
+        blockers = shared_blockers(inputs)
+        shape = inputs.weight_shape
+        if inputs.conv is not None and not _is_pointwise_conv(inputs.conv, shape):
+            size = "x".join(str(v) for v in shape[2:])
+            blockers.append(f"{size} convolution (the int8 GEMM path takes 1x1 convolutions only)")
+        if inputs.reduction_size % 8 or inputs.c_out % 8:
+            blockers.append(f"K={inputs.reduction_size}, C_out={inputs.c_out} (cuBLAS int8 GEMM needs multiples of 8)")
+        if blockers:
+            return KernelDecision("reference", "reference: " + "; ".join(blockers))
+        widened = inputs.weights.packed
+        return KernelDecision(
+            "integer",
+            "int8 GEMM (torch._int_mm)" + ("; int4 weights widened to int8" if widened else ""),
+            True,
+            widened,
+        )
+
+    def build(self, inputs: KernelInputs) -> Int8MatmulKernel:
+        return Int8MatmulKernel(inputs)
 
 
 class Int8MatmulKernel:
     """One layer's int8 weight in the GEMM's layout and the scalars of its epilogue.
 
     A plain object, not a module: rebuilt from the layer's buffers whenever they change, as
-    :class:`quantdiff.nn.kernels.IntegerKernel` is; its tensors live on the weight's device.
+    :class:`quantdiff.nn.kernels.onednn.IntegerKernel` is; its tensors live on the weight's device.
     """
 
-    def __init__(
-        self,
-        weight_q: Tensor,
-        weights: TensorSpec,
-        weight_shape: torch.Size,
-        weight_scale: Tensor,
-        activations: TensorSpec,
-        input_scale: Tensor,
-        input_zero_point: Tensor,
-        conv: dict | None,
-    ):
-        c_out = int(weight_shape[0])
-        w = int8_weight(weight_q, weights, weight_shape)  # (C_out, K) int8
+    def __init__(self, inputs: KernelInputs):
+        c_out = inputs.c_out
+        activations = inputs.activations
+        w = inputs.int8_weight()  # (C_out, K) int8
         self.device = w.device
         self.weight_t = w.t().contiguous()  # (K, C_out): the GEMM's second operand, contiguous
-        self.is_conv = conv is not None
-        self.x_scale = float(input_scale)  # Python numbers: .item() in forward would break compiled graphs
-        zero_point = int(input_zero_point)
+        self.is_conv = inputs.conv is not None
+        self.x_scale = float(inputs.input_scale)  # Python numbers: .item() in forward would break compiled graphs
+        zero_point = int(inputs.input_zero_point)
         if activations.symmetric:  # signed q in [-2^(b-1), 2^(b-1) - 1], zero point 0
             self.q_low, self.q_high, self.shift = -(1 << (activations.bits - 1)), (1 << (activations.bits - 1)) - 1, 0
         else:  # unsigned q in [0, 2^b - 1], shifted by 128 into int8
@@ -118,7 +100,7 @@ class Int8MatmulKernel:
         shifted_zp = zero_point - self.shift  # z' of the int8 input
         row_sums = w.sum(dim=1, dtype=torch.int32)  # (C_out,)
         self.compensation = shifted_zp * row_sums  # (C_out,) int32: z' * sum_k W[c, k], |.| < 2^31 for K < 130k
-        w_scale = weight_scale.reshape(-1).to(torch.float32).expand(c_out)
+        w_scale = inputs.weight_scale.reshape(-1).to(torch.float32).expand(c_out)
         self.out_scale = (self.x_scale * w_scale).contiguous()  # (C_out,)
 
     def dense_weight(self) -> Tensor:
@@ -165,11 +147,3 @@ class Int8MatmulKernel:
         y = self._matmul(pixels, bias).reshape(n, h, w, -1).permute(0, 3, 1, 2)  # (N, C_out, H, W)
         y = y.contiguous().to(x.dtype)
         return y.squeeze(0) if unbatched else y
-
-
-def build_int_mm_kernel(layer) -> tuple[Int8MatmulKernel | None, KernelDecision]:
-    """Decide and, on the integer path, build the int8 GEMM of one ``QuantizedLinear`` / ``QuantizedConv2d``."""
-    decision = decide_int_mm(layer.weight_spec, layer.input_spec, layer.weight_shape, conv_geometry(layer))
-    if decision.path != "integer":
-        return None, decision
-    return Int8MatmulKernel(*kernel_arguments(layer)), decision

@@ -28,9 +28,8 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-from quantdiff.evaluation.digits import make_dataset
-from quantdiff.pipelines.tiny import build_clip_tokenizer
-from quantdiff.training.common import (
+from quantdiff.demo.digits.data import make_dataset
+from quantdiff.demo.digits.training.common import (
     MAX_TOKENS,
     CaptionLabelHead,
     Probe,
@@ -46,6 +45,7 @@ from quantdiff.training.common import (
     probe_due,
     update_ema,
 )
+from quantdiff.testing.tokenizers import build_clip_tokenizer
 
 CLIP_WIDTH = 64
 # Without a T5 encoder the pipeline appends `max_sequence_length` zero "T5" tokens (256 by default).

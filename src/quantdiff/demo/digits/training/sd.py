@@ -1,6 +1,6 @@
 """Train ``digits-sd``: a small text-to-image model in the real ``StableDiffusionPipeline`` layout.
 
-The coloured-digits captions (``quantdiff.evaluation.digits``) are learnable in minutes on a CPU yet
+The coloured-digits captions (``quantdiff.demo.digits.data``) are learnable in minutes on a CPU yet
 need everything a real text-to-image model has: a VAE, a text encoder, cross-attention and
 classifier-free guidance. The result is the project's default model: a pipeline folder that
 ``from_pretrained`` loads like any Stable Diffusion checkpoint, so the whole quantdiff flow runs on it
@@ -34,9 +34,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNe
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from quantdiff.evaluation.digits import make_dataset
-from quantdiff.pipelines.tiny import build_clip_tokenizer
-from quantdiff.training.common import (
+from quantdiff.demo.digits.data import make_dataset
+from quantdiff.demo.digits.training.common import (
     MAX_TOKENS,
     CaptionLabelHead,
     Probe,
@@ -52,6 +51,7 @@ from quantdiff.training.common import (
     probe_due,
     update_ema,
 )
+from quantdiff.testing.tokenizers import build_clip_tokenizer
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DiffusionPipeline
 from tqdm.auto import tqdm
 
-from quantdiff.evaluation.digits import CAPTION_TEMPLATES, COLOURS, DIGIT_WORDS, DigitSpec, spec_labels
+from quantdiff.demo.digits.data import CAPTION_TEMPLATES, COLOURS, DIGIT_WORDS, DigitSpec, spec_labels
 
 # Called during training with (step, pipeline holding the current weights), e.g. to log alignment.
 Probe = Callable[[int, DiffusionPipeline], None]

@@ -1,0 +1,5 @@
+import sys
+
+from quantdiff.cli import main
+
+sys.exit(main())

@@ -1,0 +1,63 @@
+"""``quantdiff eval``: the floating-point model and quantized folders on the same prompts and seeds, scored."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from quantdiff.cli.options import add_execution_options
+from quantdiff.errors import QuantDiffError
+
+
+def add_parser(verbs) -> None:
+    parser = verbs.add_parser(
+        "eval", help="generate with the FP model and quantized folders on the same seeds; score and compare"
+    )
+    parser.add_argument("model", metavar="MODEL", help="floating-point pipeline folder, or a bundled name (digits-sd)")
+    parser.add_argument("quantized", metavar="QUANTIZED_DIR", nargs="*", help="quantized folders of MODEL")
+    parser.add_argument("--out", required=True, help="folder for report.json, report.md and grid.png")
+    parser.add_argument("--num-images", type=int, default=100, help="images per model (default 100)")
+    parser.add_argument("--prompts", help="prompt file, one per line (default: the model's own evaluation set)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the evaluation set's, or pipeline's)")
+    parser.add_argument("--guidance", type=float, help="guidance scale (default: the evaluation set's, or pipeline's)")
+    parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
+    parser.add_argument("--batch-size", type=int, default=50, help="images per pipeline call (default 50)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing report in --out")
+    real = parser.add_argument_group("real-model metrics (local weights only)")
+    real.add_argument("--inception-weights", metavar="FILE", help="FID Inception weights (.safetensors): FID vs FP")
+    real.add_argument("--clip-model", metavar="DIR", help="local CLIP folder (transformers): CLIPScore")
+    real.add_argument("--image-reward", metavar="FILE", help="ImageReward checkpoint (needs the image-reward package)")
+    real.add_argument("--image-reward-config", metavar="FILE", help="ImageReward med_config.json")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_execution_options(parser, "reference")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from quantdiff.calibration.prompts import read_prompts
+    from quantdiff.evaluate import EvalSettings, RealMetricWeights, evaluate, format_table, write_report
+
+    if (Path(args.out) / "report.json").exists() and not args.overwrite:
+        raise QuantDiffError(f"'{args.out}' already holds a report: choose another --out or pass --overwrite")
+    settings = EvalSettings(
+        num_images=args.num_images, steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size
+    )
+    weights = RealMetricWeights(args.inception_weights, args.clip_model, args.image_reward, args.image_reward_config)
+    prompts = read_prompts(args.prompts) if args.prompts else None
+    report, images = evaluate(
+        args.model,
+        args.quantized,
+        settings=settings,
+        prompts=prompts,
+        real_weights=weights,
+        device=args.device,
+        progress=not args.quiet,
+        execution=args.execution,
+        attention=args.attention,
+    )
+    folder = write_report(report, images, args.out)
+    print(format_table(report))
+    floor = report.reference.get("fid_digits_floor")
+    if floor is not None:
+        print(f"FID-digits floor (second real set): {floor:.2f}")
+    print(f"report.json, report.md, grid.png -> {folder}")
+    return 0

@@ -1,0 +1,182 @@
+"""Execution modes of whole models: switch every quantized layer to its integer kernel or back, and say which
+path each layer takes and why (:class:`ExecutionSummary`, shown by ``quantdiff inspect --execution``)."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from quantdiff.nn.attention import attention_dtype, resolve_attention, use_attention_dtype
+from quantdiff.nn.kernels import KernelSupport, kernel_support
+from quantdiff.nn.quantized import QuantizedLayer
+
+
+@dataclass(frozen=True)
+class LayerExecution:
+    """One quantized layer's path after :func:`use_integer_kernels` / :func:`use_reference`.
+
+    Attributes:
+        name: qualified module name in the model.
+        layer_type: ``Linear`` or ``Conv2d``.
+        weights: the weight spec, described (``int8 sym channel minmax pair-safe``).
+        path: ``"integer"`` or ``"reference"``.
+        reason: why, e.g. ``"int8 oneDNN; pair-safe weights"`` or ``"reference: per-group weights ..."``.
+        exact: the path computes what the reference computes (False: an allowed, saturating integer layer).
+        widened: 4-bit weights widened to int8 for the kernel.
+        stored_bytes: bytes of ``weight_q`` held now: 0 on the integer path, where the packed copy replaces it.
+        kernel_bytes: bytes of the kernel's prepacked copy (integer path only).
+    """
+
+    name: str
+    layer_type: str
+    weights: str
+    path: str
+    reason: str
+    exact: bool
+    widened: bool
+    stored_bytes: int
+    kernel_bytes: int
+
+
+@dataclass(frozen=True)
+class ExecutionSummary:
+    """Per-layer paths of a model, with what the CPU's int8 kernels can do (``support``).
+
+    ``attention`` is the dtype its attention modules compute scaled-dot-product attention in
+    (``"float32"``, ``"bfloat16"``: see :mod:`quantdiff.nn.attention`; None: no attention modules).
+    """
+
+    mode: str
+    support: KernelSupport | None
+    layers: tuple[LayerExecution, ...]
+    attention: str | None = None
+
+    @property
+    def integer(self) -> tuple[LayerExecution, ...]:
+        return tuple(layer for layer in self.layers if layer.path == "integer")
+
+    @property
+    def reference(self) -> tuple[LayerExecution, ...]:
+        return tuple(layer for layer in self.layers if layer.path == "reference")
+
+    @property
+    def inexact(self) -> tuple[LayerExecution, ...]:
+        return tuple(layer for layer in self.layers if not layer.exact)
+
+    def to_dict(self) -> dict:
+        return {
+            "mode": self.mode,
+            "support": None if self.support is None else self.support.describe(),
+            "integer_layers": len(self.integer),
+            "reference_layers": len(self.reference),
+            "stored_bytes": sum(layer.stored_bytes for layer in self.layers),
+            "kernel_bytes": sum(layer.kernel_bytes for layer in self.layers),
+            "attention": self.attention,
+            "layers": [layer.__dict__.copy() for layer in self.layers],
+        }
+
+    def format(self, max_layers: int | None = None) -> str:
+        """Plain text: one header line, then one line per layer (``name  path  reason``)."""
+        lines = [
+            f"{self.mode} mode: {len(self.integer)} of {len(self.layers)} quantized layers on the int8 kernel, "
+            f"{len(self.reference)} on the reference path"
+            + (f", {len(self.inexact)} INEXACT" if self.inexact else "")
+            + (f" ({self.support.describe()})" if self.support is not None else "")
+            + (f"; attention in {self.attention}" if self.attention is not None else "")
+        ]
+        width = max((len(layer.name) for layer in self.layers), default=0)
+        shown = self.layers if max_layers is None else self.layers[:max_layers]
+        lines += [f"  {layer.name:<{width}}  {layer.path:<9}  {layer.reason}" for layer in shown]
+        if len(shown) < len(self.layers):
+            lines.append(f"  ... {len(self.layers) - len(shown)} more")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def use_integer_kernels(
+    model: nn.Module, *, allow_inexact: bool = False, attention: str = "auto", backend: str = "auto"
+) -> ExecutionSummary:
+    """Switch ``model`` to its deployment path: each quantized layer on the int8 kernel where it can take it.
+
+    Each layer's int8 weight is prepacked once here into the kernel's own copy, which replaces ``weight_q``
+    (see :mod:`quantdiff.nn.kernels`); layers that cannot run a kernel keep the reference path, and the
+    summary says why for each. Nothing saved changes: ``save_quantized`` writes the same file in either mode.
+
+    Args:
+        model: any module containing :class:`QuantizedLinear` / :class:`QuantizedConv2d` layers.
+        allow_inexact: also run layers whose weights are not pair-safe on a CPU that saturates int16 pair
+            sums (AVX2 without VNNI). Their results are wrong (14-46 dB per layer measured); a warning
+            names them. Default: they stay on the reference path.
+        attention: dtype of the attention modules' scaled-dot-product attention: ``"auto"`` (bf16 where the
+            CPU computes bf16 natively, else fp32), ``"float32"`` or ``"bfloat16"``
+            (:mod:`quantdiff.nn.attention`). :func:`use_reference` restores fp32.
+        backend: ``"auto"`` (oneDNN on the CPU, ``torch._int_mm`` for layers on CUDA), ``"onednn"``, or
+            ``"int_mm"`` on any device (:mod:`quantdiff.nn.kernels.int_mm`; on the CPU only a check of the GPU math).
+
+    Returns:
+        The per-layer :class:`ExecutionSummary`.
+    """
+    support = None if backend == "int_mm" else kernel_support()  # what the oneDNN path can do on this CPU
+    device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device.type
+    use_attention_dtype(model, resolve_attention(attention, device))
+    summary = _switch(model, "integer", support, allow_inexact, backend)
+    if summary.inexact:
+        warnings.warn(
+            f"{len(summary.inexact)} layer(s) run the int8 kernel although their weights are not pair-safe on "
+            f"this CPU ({summary.support.describe()}); their outputs saturate and are wrong, e.g. "
+            f"{summary.inexact[0].name}. Quantize with pair_safe weights (preset w8a8-int) instead.",
+            stacklevel=2,
+        )
+    return summary
+
+
+def use_reference(model: nn.Module) -> ExecutionSummary:
+    """Switch every quantized layer of ``model`` back to the reference (fake-quant) path, attention to fp32;
+    frees the kernels."""
+    use_attention_dtype(model, "float32")
+    return _switch(model, "reference", None, False)
+
+
+def execution_summary(model: nn.Module) -> ExecutionSummary:
+    """The current per-layer paths of ``model`` without switching anything."""
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantizedLayer)]
+    modes = {m.execution for _, m in layers}
+    support = next((m._support for _, m in layers if m._support is not None), None)
+    return ExecutionSummary(
+        modes.pop() if len(modes) == 1 else "mixed",
+        support,
+        tuple(_describe(n, m) for n, m in layers),
+        attention_dtype(model),
+    )
+
+
+def _switch(
+    model: nn.Module, mode: str, support: KernelSupport | None, allow_inexact: bool, backend: str = "auto"
+) -> ExecutionSummary:
+    layers = []
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLayer):
+            module.set_execution(mode, support=support, allow_inexact=allow_inexact, backend=backend)
+            layers.append(_describe(name, module))
+    return ExecutionSummary(mode, support, tuple(layers), attention_dtype(model))
+
+
+def _describe(name: str, module: QuantizedLayer) -> LayerExecution:
+    decision = module.execution_decision()
+    return LayerExecution(
+        name=name,
+        layer_type=type(module).__name__.removeprefix("Quantized"),
+        weights=module.weight_spec.describe(),
+        path=decision.path,
+        reason=decision.reason,
+        exact=decision.exact,
+        widened=decision.widened,
+        stored_bytes=module.weight_q.numel() * module.weight_q.element_size() if module.holds_weight_q else 0,
+        kernel_bytes=module.kernel_bytes,
+    )

@@ -1,0 +1,229 @@
+"""Integer kernels of quantized layers: what a kernel is built from, the backends, and the choice between them.
+
+A quantized layer in integer mode asks :func:`select_kernel` for a kernel. The layer describes itself as a
+:class:`KernelInputs` (its stored integers, scales, specs and conv geometry: a named structure, shared by
+every backend); the backend registered under the requested name (:data:`BACKENDS`) answers with a
+:class:`KernelDecision` (the path, and the reason for it, every reason when it is a fallback) and, on the
+integer path, builds the kernel. A kernel is a plain object: ``kernel(x, bias)`` computes the layer from a
+floating-point input, ``accepts(x)`` says whether an input is one it computes like the reference path, and
+``dense_weight()`` gives back the int8 weight bit for bit (the layer releases its own copy to the kernel).
+
+Backends:
+
+* ``"onednn"`` (:mod:`quantdiff.nn.kernels.onednn`): oneDNN's int8 conv / linear on x86 CPUs;
+* ``"int_mm"`` (:mod:`quantdiff.nn.kernels.int_mm`): ``torch._int_mm`` int8 GEMM, the CUDA path (its math
+  also runs, slowly, on the CPU, which is how the tests check it).
+
+``"auto"`` picks ``int_mm`` for weights on CUDA and ``onednn`` otherwise. A new backend is one module with a
+class that has ``name``, ``decide(inputs, support, allow_inexact)`` and ``build(inputs)``, registered with
+:func:`register_backend` at the bottom of this file.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+from torch.nn.modules.utils import _pair
+
+from quantdiff.primitives import unpack_int4
+from quantdiff.recipe import TensorSpec
+
+
+@dataclass(frozen=True)
+class KernelDecision:
+    """Which path one layer takes in integer mode, and why.
+
+    Attributes:
+        path: ``"integer"`` (a kernel) or ``"reference"`` (fake-quant forward).
+        reason: one line for reports, e.g. ``"int8 oneDNN; pair-safe weights"`` or
+            ``"reference: per-group weights (group128) ..."``.
+        exact: the path computes what the reference computes (up to fp32 rounding of the rescale);
+            False only for an integer layer that can saturate and was allowed to run anyway.
+        widened: the stored 4-bit weight is widened to int8 for the kernel.
+    """
+
+    path: str
+    reason: str
+    exact: bool = True
+    widened: bool = False
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Stride, padding, dilation and groups of a convolution, as ``nn.Conv2d`` holds them."""
+
+    stride: tuple[int, int]
+    padding: tuple[int, int] | str
+    dilation: tuple[int, int]
+    groups: int
+
+    @classmethod
+    def of(cls, conv: Any) -> ConvGeometry:
+        """The geometry of an ``nn.Conv2d`` or ``QuantizedConv2d``."""
+        padding = conv.padding if isinstance(conv.padding, str) else tuple(int(p) for p in _pair(conv.padding))
+        return cls(
+            tuple(int(s) for s in _pair(conv.stride)),
+            padding,
+            tuple(int(d) for d in _pair(conv.dilation)),
+            int(conv.groups),
+        )
+
+    def explicit_padding(self, kernel_size: tuple[int, ...]) -> tuple[int, int] | None:
+        """Padding as two numbers (``"valid"`` / ``"same"`` resolved); None when it would be asymmetric."""
+        if not isinstance(self.padding, str):
+            return self.padding
+        totals = [d * (k - 1) for k, d in zip(kernel_size, self.dilation, strict=True)]
+        if self.padding == "valid":
+            return (0, 0)
+        if self.padding == "same" and all(t % 2 == 0 for t in totals):
+            return (totals[0] // 2, totals[1] // 2)
+        return None
+
+
+@dataclass(frozen=True)
+class KernelInputs:
+    """Everything a kernel is built from: one layer's stored integers, scales, specs and conv geometry.
+
+    Attributes:
+        weight_q: the stored integer weight ``(C_out, K)`` (or packed 4-bit ``(C_out, ceil(K/2))``).
+        weights: the weight spec.
+        weight_shape: the float weight's shape ``(C_out, C_in / groups, ...)``.
+        weight_scale: ``(C_out, G)`` or ``(1, 1)`` float32.
+        activations: the input spec; ``None`` for weight-only layers.
+        input_scale, input_zero_point: the static input quantization (0-d); ``None`` when the input is
+            not quantized with one static scale.
+        conv: the convolution's geometry; ``None`` for a Linear.
+        per_call_input_scale: the input scale changes from call to call (per timestep group).
+    """
+
+    weight_q: Tensor
+    weights: TensorSpec
+    weight_shape: torch.Size
+    weight_scale: Tensor
+    activations: TensorSpec | None
+    input_scale: Tensor | None
+    input_zero_point: Tensor | None
+    conv: ConvGeometry | None
+    per_call_input_scale: bool = False
+
+    @property
+    def c_out(self) -> int:
+        return int(self.weight_shape[0])
+
+    @property
+    def reduction_size(self) -> int:
+        return math.prod(self.weight_shape[1:])
+
+    def int8_weight(self) -> Tensor:
+        """The stored weight as int8 ``(C_out, K)``: 4-bit weights unpacked (widened), int8 as is."""
+        if self.weights.packed:
+            return unpack_int4(self.weight_q, self.reduction_size, signed=True)
+        return self.weight_q
+
+
+class Kernel(Protocol):
+    """What a backend builds for one layer (see the module docstring)."""
+
+    requirement: str
+
+    def __call__(self, x: Tensor, bias: Tensor | None) -> Tensor: ...
+
+    def accepts(self, x: Tensor) -> bool: ...
+
+    def dense_weight(self) -> Tensor: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+
+class KernelBackend(Protocol):
+    """A family of integer kernels: decides per layer and builds."""
+
+    name: str
+
+    def decide(self, inputs: KernelInputs, support: Any, allow_inexact: bool) -> KernelDecision: ...
+
+    def build(self, inputs: KernelInputs) -> Kernel: ...
+
+
+BACKENDS: dict[str, KernelBackend] = {}
+
+
+def register_backend(backend: KernelBackend) -> KernelBackend:
+    """Make ``backend`` selectable by its name (``use_integer_kernels(model, backend=name)``)."""
+    BACKENDS[backend.name] = backend
+    return backend
+
+
+def backend_names() -> tuple[str, ...]:
+    """``"auto"`` and every registered backend."""
+    return ("auto", *BACKENDS)
+
+
+def shared_blockers(inputs: KernelInputs) -> list[str]:
+    """Reasons no int8 kernel of ours takes a layer: they all multiply one int8 input by int8 weights with
+    one scale per output channel."""
+    blockers = []
+    if inputs.activations is None:
+        blockers.append("weight-only layer (inputs stay floating point: no int8 input for the kernel)")
+    elif inputs.activations.granularity != "tensor":
+        blockers.append(f"per-{inputs.activations.granularity} activations (the kernel takes one input scale)")
+    elif inputs.per_call_input_scale:
+        blockers.append("input scales change per call (timestep groups): the kernel is built for one scale")
+    if inputs.weights.granularity == "group":
+        blockers.append(
+            f"per-group weights (group{inputs.weights.group_size}): the kernel takes one scale per output channel"
+        )
+    if not inputs.weights.symmetric:
+        blockers.append("asymmetric weights (the kernel takes zero-point-free weights)")
+    return blockers
+
+
+def select_kernel(
+    inputs: KernelInputs, backend: str = "auto", *, support: Any = None, allow_inexact: bool = False
+) -> tuple[Kernel | None, KernelDecision]:
+    """The kernel one layer runs in integer mode, or None with the reason it keeps the reference path.
+
+    Args:
+        inputs: the layer (:class:`KernelInputs`).
+        backend: ``"auto"`` or a name in :data:`BACKENDS`.
+        support: what the CPU's oneDNN kernels can do (:func:`kernel_support`); computed when needed.
+        allow_inexact: run layers that a kernel can only compute approximately (see the oneDNN backend).
+    """
+    if backend == "auto":
+        backend = "int_mm" if inputs.weight_q.device.type == "cuda" else "onednn"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is unknown: use one of {', '.join(backend_names())}")
+    chosen = BACKENDS[backend]
+    decision = chosen.decide(inputs, support, allow_inexact)
+    if decision.path != "integer":
+        return None, decision
+    return chosen.build(inputs), decision
+
+
+from quantdiff.nn.kernels.int_mm import Int8MatmulKernel, IntMMBackend  # noqa: E402
+from quantdiff.nn.kernels.onednn import IntegerKernel, KernelSupport, OneDNNBackend, kernel_support  # noqa: E402
+
+register_backend(OneDNNBackend())
+register_backend(IntMMBackend())
+
+__all__ = [
+    "BACKENDS",
+    "ConvGeometry",
+    "Int8MatmulKernel",
+    "IntegerKernel",
+    "Kernel",
+    "KernelBackend",
+    "KernelDecision",
+    "KernelInputs",
+    "KernelSupport",
+    "backend_names",
+    "kernel_support",
+    "register_backend",
+    "select_kernel",
+    "shared_blockers",
+]

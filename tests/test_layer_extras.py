@@ -1,0 +1,169 @@
+"""Layer extras in one forward: input pre-scale, low-rank floating-point branch, per-call (per-timestep) input
+scales; prepared vs converted states; integer path; skeletons that declare every stored tensor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from quantdiff.calibration.timestep import StepClock
+from quantdiff.nn import InputQParams, QuantizedLayer, kernel_support
+from quantdiff.nn.quantized import QUANTIZED_CLASSES
+from quantdiff.plan import LayerPlan
+from quantdiff.primitives import compute_qparams, fake_quantize, sqnr_db
+from quantdiff.recipe import PRESETS
+
+SUPPORT = kernel_support()
+
+
+def _layer(kind: str) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    if kind == "linear":
+        return nn.Linear(64, 48), torch.randn(2, 10, 64)
+    return nn.Conv2d(32, 48, 3, padding=1), torch.randn(2, 32, 8, 8)
+
+
+def _plan(layer: nn.Module, recipe: str = "w8a8") -> LayerPlan:
+    spec = PRESETS[recipe]
+    kind = type(layer).__name__
+    return LayerPlan("layer", kind, tuple(layer.weight.shape), True, spec.weights, spec.activations, "test")
+
+
+def _prepared(layer: nn.Module, recipe: str = "w8a8") -> QuantizedLayer:
+    return QUANTIZED_CLASSES[type(layer).__name__].prepared(layer, _plan(layer, recipe))
+
+
+def _per_channel(v: torch.Tensor, kind: str) -> torch.Tensor:
+    return v if kind == "linear" else v[:, None, None]
+
+
+def _input_qparams(x: torch.Tensor) -> InputQParams:
+    return InputQParams(*compute_qparams(x.min(), x.max(), 8, False))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_pre_scale_and_lowrank_branch_reparametrise_exactly_and_quantize_the_residual(kind):
+    layer, x = _layer(kind)
+    with torch.no_grad():
+        expected = layer(x)
+    module = _prepared(layer)
+    assert module.is_prepared and module.weight is layer.weight  # the original parameter, not a copy
+    c_in, rank = layer.weight.shape[1], 4
+    s = torch.exp(torch.randn(c_in) * 0.5)  # (C_in,)
+    w = layer.weight.detach() / (s[None, :, None, None] if kind == "conv" else s[None, :])  # W' = W / s
+    flat = w.reshape(w.shape[0], -1)  # (C_out, K)
+    u, sigma, vh = torch.linalg.svd(flat, full_matrices=False)
+    up, down = u[:, :rank] * sigma[:rank], vh[:rank]  # (C_out, r), (r, K)
+    with torch.no_grad():
+        module.weight.copy_((flat - up @ down).reshape(w.shape))  # the residual R
+    plan = module.layer_plan.with_extra("input_pre_scale", channels=c_in).with_extra(
+        "lowrank", rank=rank, dtype="float32"
+    )
+    module.set_layer_plan(
+        plan, {"input_pre_scale": s, "lowrank_down": down.reshape(rank, *w.shape[1:]), "lowrank_up": up}
+    )
+    with torch.no_grad():
+        assert sqnr_db(expected, module(x)) > 100  # prepared: floating point, exact up to rounding
+    xs = x * _per_channel(s, kind)
+    qparams = _input_qparams(xs)
+    module.convert(input_qparams=qparams)
+    assert not module.is_prepared and "weight" not in dict(module.named_parameters())
+    with torch.no_grad():
+        got = module(x)
+        residual = module._op(fake_quantize(xs, *qparams, 8, False), module.dequantized_weight(), module.bias)
+        branch = module._branch(xs, module.lowrank_down, module.lowrank_up)
+    assert torch.equal(got, residual + branch)
+    assert set(module.state_dict()) == set(plan.stored_tensors())
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.skipif(not SUPPORT.available, reason=f"no oneDNN int8 kernels: {SUPPORT.reason}")
+def test_extras_take_the_integer_path_around_the_kernel(kind):
+    layer, x = _layer(kind)
+    module = _prepared(layer, "w8a8-int")  # pair-safe weights: exact on every x86 CPU
+    s = torch.linspace(0.5, 2.0, layer.weight.shape[1])
+    down = torch.randn(2, *layer.weight.shape[1:]) * 0.1
+    up = torch.randn(layer.weight.shape[0], 2) * 0.1
+    plan = module.layer_plan.with_extra("input_pre_scale", channels=s.numel()).with_extra(
+        "lowrank", rank=2, dtype="float16"
+    )
+    module.set_layer_plan(plan, {"input_pre_scale": s, "lowrank_down": down.half(), "lowrank_up": up.half()})
+    module.convert(input_qparams=_input_qparams(x * _per_channel(s, kind)))
+    with torch.no_grad():
+        reference = module.reference_forward(x)
+        decision = module.set_execution("integer", support=SUPPORT)
+        integer = module(x)
+    assert decision.path == "integer", decision.reason
+    assert sqnr_db(reference, integer) > 100  # the same integers: fp32 rounding of the rescale only
+
+
+def test_per_timestep_input_scales_follow_the_denoiser_clock():
+    layer, x = _layer("linear")
+    module = _prepared(layer)
+    plan = module.layer_plan.with_extra("timestep_groups", groups=3)
+    module.set_layer_plan(plan, {"timestep_edges": torch.tensor([300.0, 700.0])})
+    scales = torch.tensor([0.01, 0.02, 0.04])
+    module.convert(input_qparams=InputQParams(scales, torch.tensor([128, 128, 128])))
+    assert module.input_scale.shape == (3,)
+    with pytest.raises(RuntimeError, match="per-timestep input scales but no current timestep"):
+        module(x)
+    clock = StepClock(nn.Linear(1, 1))
+    module.step_clock = clock
+    for timestep, group in [(999.0, 2), (700.0, 2), (699.0, 1), (300.0, 1), (10.0, 0), (-5.0, 0), (5000.0, 2)]:
+        clock.timestep = timestep
+        assert module.timestep_group() == group, timestep
+        with torch.no_grad():
+            expected = module._op(
+                fake_quantize(x, scales[group], torch.tensor(128), 8, False), module.dequantized_weight(), module.bias
+            )
+            assert torch.equal(module(x), expected)
+    decision = module.set_execution("integer", support=SUPPORT)
+    assert decision.path == "reference" and "input scales change per call" in decision.reason
+
+
+def test_a_skeleton_declares_every_stored_tensor_and_loads_strictly():
+    layer, x = _layer("conv")
+    module = _prepared(layer, "w4a8")
+    plan = module.layer_plan.with_extra("lowrank", rank=3, dtype="bfloat16").with_extra("timestep_groups", groups=2)
+    tensors = {
+        "lowrank_down": torch.randn(3, *layer.weight.shape[1:]).bfloat16(),
+        "lowrank_up": torch.randn(layer.weight.shape[0], 3).bfloat16(),
+        "timestep_edges": torch.tensor([500.0]),
+    }
+    module.set_layer_plan(plan, tensors)
+    module.convert(input_qparams=InputQParams(torch.tensor([0.02, 0.03]), torch.tensor([120, 130])))
+    with torch.device("meta"):
+        float_layer = nn.Conv2d(32, 48, 3, padding=1)
+    skeleton = QUANTIZED_CLASSES["Conv2d"].like(float_layer, plan)
+    declared = plan.stored_tensors()
+    assert {name: (tuple(t.shape), t.dtype) for name, t in skeleton.state_dict().items()} == {
+        name: (decl.shape, decl.dtype) for name, decl in declared.items()
+    }
+    skeleton.load_state_dict(module.state_dict(), strict=True, assign=True)
+    for name, tensor in module.state_dict().items():
+        assert torch.equal(skeleton.state_dict()[name], tensor), name
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        skeleton.load_state_dict({**module.state_dict(), "input_pre_scale": torch.ones(32)}, strict=True)
+
+
+def test_extras_are_checked_where_they_are_declared():
+    layer, _ = _layer("linear")
+    plan = _plan(layer)
+    with pytest.raises(ValueError, match="unknown extra 'rotation'"):
+        plan.with_extra("rotation")
+    with pytest.raises(ValueError, match="'rank' must be a positive integer, got 0"):
+        plan.with_extra("lowrank", rank=0, dtype="float16")
+    with pytest.raises(ValueError, match="takes exactly the parameters"):
+        plan.with_extra("input_pre_scale")
+    with pytest.raises(ValueError, match="needs quantized inputs"):
+        _plan(layer, "w8a16").with_extra("timestep_groups", groups=2)
+    module = _prepared(layer)
+    with pytest.raises(ValueError, match="declares 'input_pre_scale': pass the tensor"):
+        module.set_layer_plan(plan.with_extra("input_pre_scale", channels=64))
+    with pytest.raises(ValueError, match=r"input_pre_scale is \(32,\) torch.float32, its plan declares \(64,\)"):
+        module.set_layer_plan(plan.with_extra("input_pre_scale", channels=64), {"input_pre_scale": torch.ones(32)})
+    grouped = nn.Conv2d(8, 8, 3, groups=2)
+    conv = QUANTIZED_CLASSES["Conv2d"].prepared(grouped, _plan(grouped))
+    with pytest.raises(ValueError, match="low-rank branch needs a convolution with one group"):
+        conv.set_layer_plan(conv.layer_plan.with_extra("lowrank", rank=1, dtype="float32"), {})
