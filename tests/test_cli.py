@@ -183,8 +183,42 @@ def _run_failing(argv, capsys):
 
 def test_missing_folder(tmp_path, capsys):
     err = _run_failing(["quantize", str(tmp_path / "nope"), "--out", str(tmp_path / "q")], capsys)
-    assert "model folder" in err and "does not exist" in err
+    assert err == f"quantdiff quantize: error: model folder '{tmp_path / 'nope'}' does not exist"
     assert _no_output(tmp_path, "q")
+
+
+BUNDLED_LIST = "(bundled: digits-sd, digits-sd3, tiny-sd15, tiny-sdxl, tiny-sd3, tiny-pixart)"
+
+
+def test_a_mistyped_name_lists_the_bundled_names_and_suggests_the_closest(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    err = _run_failing(["generate", "digits-sdx", "--prompt", "x"], capsys)
+    assert err == (
+        "quantdiff generate: error: model folder 'digits-sdx' does not exist, and it is not a bundled model name: "
+        f"did you mean 'digits-sd'? {BUNDLED_LIST}"
+    )
+    err = _run_failing(["calibrate", "tiny-sdx", "--out", "calib"], capsys)
+    assert err == (
+        "quantdiff calibrate: error: model folder 'tiny-sdx' does not exist, and it is not a bundled model name: "
+        f"did you mean 'tiny-sdxl'? {BUNDLED_LIST}"
+    )
+    err = _run_failing(["inspect", "my-model"], capsys)
+    assert err == (
+        "quantdiff inspect: error: model folder 'my-model' does not exist, and it is not a bundled model name "
+        + BUNDLED_LIST
+    )
+    assert not (tmp_path / "image.png").exists() and _no_output(tmp_path, "calib")
+
+    # The Python API takes folders: a bundled name there says how to get its folder.
+    from quantdiff.errors import PipelineError
+    from quantdiff.pipelines.loading import read_pipeline_folder
+
+    with pytest.raises(PipelineError) as raised:
+        read_pipeline_folder("digits-sd")
+    assert str(raised.value) == (
+        "model folder 'digits-sd' does not exist; 'digits-sd' is a bundled model name: "
+        "pass resolve_model('digits-sd') (quantdiff.pipelines.bundled)"
+    )
 
 
 def test_not_a_pipeline(not_a_pipeline, tmp_path, capsys):

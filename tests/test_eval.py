@@ -147,3 +147,23 @@ def test_spec_equality_survives_json():
     spec = DigitSpec(3, "red", "blue")
     assert DigitSpec(**json.loads(json.dumps(vars(spec)))) == spec
     assert torch.is_grad_enabled()
+
+
+def test_eval_quantizes_each_recipe_and_reports_them_together(untrained_digits_sd, tmp_path, capsys):
+    """`eval --recipes`: a quality matrix in one command (recipes quantized into OUT/quantized, shared calibration)."""
+    out = tmp_path / "matrix"
+    argv = ["--quiet", "eval", untrained_digits_sd, "--recipes", "w8a16,w8a8-minmax", "--out", str(out)]
+    assert main(argv + ["--num-images", "2"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [m["name"] for m in report["models"]] == ["fp", "w8a16", "w8a8-minmax"]
+    assert (out / "calib" / "index.json").is_file()  # recorded once, from the model's own calibration prompts
+    calibration = json.loads((out / "calib" / "index.json").read_text())
+    assert calibration["info"]["prompts"] == read_calibration_prompts(untrained_digits_sd)
+    for name in ("w8a16", "w8a8-minmax"):
+        assert (out / "quantized" / name / "quantdiff.json").is_file()
+    # A second run reuses the folders and the calibration, and gives the same numbers.
+    assert main(argv + ["--num-images", "2", "--overwrite"]) == 0
+    assert "w8a16: reusing" in capsys.readouterr().out
+    again = json.loads((out / "report.json").read_text())
+    assert [m["metrics"] for m in again["models"]] == [m["metrics"] for m in report["models"]]
+    assert main(["--quiet", "eval", untrained_digits_sd, "--recipes", "w8a16,w8a16", "--out", str(tmp_path / "x")]) == 2

@@ -8,11 +8,12 @@ import torch
 from torch import nn
 
 from quantdiff.calibration.timestep import StepClock
+from quantdiff.errors import RecipeError
 from quantdiff.nn import InputQParams, QuantizedLayer, kernel_support
 from quantdiff.nn.quantized import QUANTIZED_CLASSES
 from quantdiff.plan import LayerPlan
 from quantdiff.primitives import compute_qparams, fake_quantize, sqnr_db
-from quantdiff.recipe import PRESETS
+from quantdiff.recipe import PRESETS, LayerOverride, Recipe, TensorSpec
 
 SUPPORT = kernel_support()
 
@@ -100,7 +101,7 @@ def test_extras_take_the_integer_path_around_the_kernel(kind):
 
 def test_per_timestep_input_scales_follow_the_denoiser_clock():
     layer, x = _layer("linear")
-    module = _prepared(layer)
+    module = _prepared(layer, "w8a8-int")  # pair-safe weights: the kernel is exact on every x86 CPU
     plan = module.layer_plan.with_extra("timestep_groups", groups=3)
     module.set_layer_plan(plan, {"timestep_edges": torch.tensor([300.0, 700.0])})
     scales = torch.tensor([0.01, 0.02, 0.04])
@@ -110,16 +111,119 @@ def test_per_timestep_input_scales_follow_the_denoiser_clock():
         module(x)
     clock = StepClock(nn.Linear(1, 1))
     module.step_clock = clock
-    for timestep, group in [(999.0, 2), (700.0, 2), (699.0, 1), (300.0, 1), (10.0, 0), (-5.0, 0), (5000.0, 2)]:
+    steps = [(999.0, 2), (700.0, 2), (699.0, 1), (300.0, 1), (10.0, 0), (-5.0, 0), (5000.0, 2)]
+    expected = {}
+    for timestep, group in steps:
         clock.timestep = timestep
         assert module.timestep_group() == group, timestep
         with torch.no_grad():
-            expected = module._op(
-                fake_quantize(x, scales[group], torch.tensor(128), 8, False), module.dequantized_weight(), module.bias
-            )
-            assert torch.equal(module(x), expected)
+            quantized_input = fake_quantize(x, scales[group], torch.tensor(128), 8, False)
+            expected[timestep] = module._op(quantized_input, module.dequantized_weight(), module.bias)
+            assert torch.equal(module(x), expected[timestep])
+    if not SUPPORT.available:
+        return
     decision = module.set_execution("integer", support=SUPPORT)
-    assert decision.path == "reference" and "input scales change per call" in decision.reason
+    assert decision.path == "integer", decision.reason
+    for timestep, _ in steps:  # the kernel takes each call's group scale
+        clock.timestep = timestep
+        with torch.no_grad():
+            assert sqnr_db(expected[timestep], module(x)) > 100
+
+
+def _dynamic(bits: int, symmetric: bool, granularity: str) -> str:
+    return f"int{bits} {'sym' if symmetric else 'asym'} {granularity} dynamic"
+
+
+@pytest.mark.parametrize(
+    "kind, granularity, symmetric",
+    [("linear", "token", True), ("linear", "tensor", False), ("conv1x1", "token", True), ("conv", "tensor", True)],
+)
+def test_dynamic_inputs_are_quantized_per_call_and_run_on_the_kernel(kind, granularity, symmetric):
+    torch.manual_seed(1)
+    layer, x = _layer("conv" if kind != "linear" else "linear")
+    if kind == "conv1x1":
+        layer = nn.Conv2d(32, 48, 1)
+    x = (
+        x * torch.linspace(0.1, 10, x.shape[1])[:, None, None]
+        if x.dim() == 4
+        else x * torch.rand(x.shape[:-1] + (1,)) * 10
+    )
+    activations = TensorSpec(8, symmetric, granularity, dynamic=True)
+    weights = PRESETS["w8a8-int"].weights
+    plan = LayerPlan("layer", type(layer).__name__, tuple(layer.weight.shape), True, weights, activations, "test")
+    assert "input_scale" not in plan.stored_tensors() and plan.stored_tensors()["weight_q"]
+    module = QUANTIZED_CLASSES[type(layer).__name__].prepared(layer, plan)
+    module.convert()  # no calibration: nothing to observe
+    assert activations.describe() == _dynamic(8, symmetric, granularity)
+    channel = -1 if kind == "linear" else 1
+    if granularity == "token":
+        low, high = x.amin(dim=channel, keepdim=True), x.amax(dim=channel, keepdim=True)
+    else:
+        low, high = x.min(), x.max()
+    scale, zero_point = compute_qparams(low, high, 8, symmetric)
+    with torch.no_grad():
+        expected = module._op(
+            fake_quantize(x, scale, zero_point, 8, symmetric), module.dequantized_weight(), module.bias
+        )
+        reference = module(x)
+    assert torch.equal(reference, expected)
+    for backend in ("onednn", "int_mm"):
+        if backend == "onednn" and not SUPPORT.available:
+            continue
+        decision = module.set_execution("integer", support=SUPPORT, backend=backend)
+        if backend == "int_mm" and kind == "conv":
+            assert decision.path == "reference" and "3x3 convolution" in decision.reason
+            continue
+        assert decision.path == "integer", (backend, decision.reason)
+        with torch.no_grad():
+            assert sqnr_db(reference, module(x)) > 100, backend
+        module.set_execution("reference")
+
+
+def test_dynamic_inputs_the_kernels_cannot_take_say_why():
+    conv, _ = _layer("conv")
+    spec = TensorSpec(8, True, "token", dynamic=True)
+    plan = LayerPlan("layer", "Conv2d", tuple(conv.weight.shape), True, PRESETS["w8a8-int"].weights, spec, "t")
+    module = QUANTIZED_CLASSES["Conv2d"].prepared(conv, plan)
+    module.convert()
+    decision = module.set_execution("integer", support=SUPPORT)
+    assert (
+        decision.path == "reference"
+        and "per-pixel input scales do not factor out of a 3x3 convolution" in decision.reason
+    )
+    linear, x = _layer("linear")
+    spec = TensorSpec(8, False, "token", dynamic=True)
+    plan = LayerPlan("layer", "Linear", tuple(linear.weight.shape), True, PRESETS["w8a8-int"].weights, spec, "t")
+    module = QUANTIZED_CLASSES["Linear"].prepared(linear, plan)
+    module.convert()
+    if SUPPORT.available:
+        decision = module.set_execution("integer", support=SUPPORT)
+        assert decision.path == "reference" and "asymmetric per-token inputs" in decision.reason
+    decision = module.set_execution("integer", backend="int_mm")  # the int8 GEMM subtracts zero points in int32
+    assert decision.path == "integer"
+    with torch.no_grad():
+        assert sqnr_db(module.reference_forward(x), module(x)) > 100
+
+
+def test_dynamic_specs_are_validated():
+    with pytest.raises(
+        RecipeError, match="granularity 'token' computes a scale per token at run time: set dynamic true"
+    ):
+        TensorSpec(8, True, "token")
+    with pytest.raises(RecipeError, match="dynamic scales are the min-max of each call: remove observer 'mse'"):
+        TensorSpec(8, True, "tensor", observer="mse", dynamic=True)
+    with pytest.raises(RecipeError, match="weights are quantized once"):
+        Recipe("x", TensorSpec(8, True, "tensor", dynamic=True), None)
+    recipe = Recipe("x", PRESETS["w8a8"].weights, TensorSpec(4, True, "token", dynamic=True))
+    assert not recipe.needs_calibration and recipe.to_dict()["_version"] == 3
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+    static = Recipe(
+        "y",
+        PRESETS["w8a8"].weights,
+        TensorSpec(4, True, "tensor", dynamic=True),
+        overrides=(LayerOverride("a*", activations={"dynamic": False}),),
+    )
+    assert static.needs_calibration  # one override brings back a calibrated scale
 
 
 def test_a_skeleton_declares_every_stored_tensor_and_loads_strictly():
@@ -156,7 +260,7 @@ def test_extras_are_checked_where_they_are_declared():
         plan.with_extra("lowrank", rank=0, dtype="float16")
     with pytest.raises(ValueError, match="takes exactly the parameters"):
         plan.with_extra("input_pre_scale")
-    with pytest.raises(ValueError, match="needs quantized inputs"):
+    with pytest.raises(ValueError, match="needs inputs quantized with calibrated scales"):
         _plan(layer, "w8a16").with_extra("timestep_groups", groups=2)
     module = _prepared(layer)
     with pytest.raises(ValueError, match="declares 'input_pre_scale': pass the tensor"):

@@ -84,10 +84,15 @@ def test_unknown_keys_are_named():
         Recipe.from_dict(data)
 
 
-def test_activation_granularity_must_be_per_tensor():
-    spec = TensorSpec(8, False, "channel")
-    with pytest.raises(RecipeError, match="static per-tensor scales"):
-        Recipe("x", weights=PRESETS["w8a8"].weights, activations=spec)
+def test_activations_are_per_tensor_or_dynamic_per_token():
+    with pytest.raises(RecipeError, match="granularity 'channel' is not supported"):
+        Recipe("x", weights=PRESETS["w8a8"].weights, activations=TensorSpec(8, False, "channel"))
+    with pytest.raises(RecipeError, match="set dynamic true"):
+        TensorSpec(8, False, "token")
+    with pytest.raises(RecipeError, match="activation options"):
+        Recipe("x", weights=TensorSpec(8, True, "token", dynamic=True), activations=PRESETS["w8a8"].activations)
+    token = Recipe("x", weights=PRESETS["w8a8"].weights, activations=TensorSpec(8, False, "token", dynamic=True))
+    assert not token.needs_calibration  # dynamic inputs have nothing to observe
 
 
 def test_newer_recipe_version_is_refused():

@@ -250,24 +250,26 @@ def _chromium() -> str | None:
     return shutil.which("chromium")
 
 
+_CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
 @pytest.mark.skipif(_chromium() is None and os.environ.get("CI") != "true", reason="needs Debian's chromium")
 def test_browser_generates_shows_history_and_survives_bad_input(tiny_folders, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     assert _chromium() is not None, "CI must install chromium (scripts/test.sh does)"
     service = GenerationService(tiny_folders["sd15"], log_path=tmp_path / "log.jsonl", outputs=tmp_path / "images")
-    args = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-    ]
     with _Server(service) as server, sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=_chromium(), args=args)
+        browser = playwright.chromium.launch(executable_path=_chromium(), args=_CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.set_default_timeout(PAGE_TIMEOUT_MS)
         page.goto(server.url + "/", wait_until="networkidle")
@@ -302,3 +304,84 @@ def test_browser_generates_shows_history_and_survives_bad_input(tiny_folders, tm
     statuses = [json.loads(line)["status"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert statuses == ["ok", "error", "ok"]
     assert len(list(Path(tmp_path / "images").glob("*.png"))) == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Examples and defaults from the model's own prompt set
+
+
+def test_a_model_with_its_own_prompt_set_supplies_examples_and_defaults(tiny_folders, tmp_path):
+    from quantdiff.evaluation.prompt_sets import read_evaluation_set
+    from quantdiff.pipelines.bundled import resolve_model
+    from quantdiff.pipelines.loading import load_pipeline
+    from quantdiff.quantize import quantize_denoiser
+    from quantdiff.serialization import save_quantized
+    from quantdiff.serving.app import EXAMPLE_PROMPTS
+    from quantdiff.serving.service import DEFAULT_STEPS, ModelSlot, own_prompt_set
+
+    folder = resolve_model("digits-sd")
+    own = read_evaluation_set(folder)
+    assert (own.steps, own.guidance) == (25, 5.0)
+    slot = ModelSlot(folder)
+    assert (slot.defaults()["steps"], slot.defaults()["guidance"]) == (25, 5.0)
+    trained = [p.text for p in own.prompts if not p.heldout]
+    assert slot.example_prompts() == trained[:6]
+    service = GenerationService(folder, log_path=tmp_path / "log.jsonl")
+    resolved = service.resolve(GenerationRequest(prompt=trained[0], seed=0))
+    assert (resolved["steps"], resolved["guidance"]) == (25, 5.0)
+
+    # A quantized folder is the same model: it carries its base folder's set.
+    pipe = load_pipeline(folder)
+    quantize_denoiser(pipe.unet, "w8a16", None, progress=False)
+    quantized = save_quantized(pipe, tmp_path / "digits-sd-w8a16", base_path=folder)
+    carried = own_prompt_set(quantized)
+    assert (carried.prompts, carried.steps, carried.guidance) == (own.prompts, 25, 5.0)
+
+    # A folder without one keeps the generic examples, 20 steps and the pipeline's guidance.
+    plain = ModelSlot(tiny_folders["sd15"])
+    assert plain.prompt_set is None and plain.example_prompts() is None
+    assert (plain.defaults()["steps"], plain.defaults()["guidance"]) == (DEFAULT_STEPS, 7.5) == (20, 7.5)
+    assert EXAMPLE_PROMPTS[0] == "a red fox sitting in fresh snow at dawn"
+
+
+@pytest.mark.skipif(_chromium() is None and os.environ.get("CI") != "true", reason="needs Debian's chromium")
+def test_browser_digits_sd_shows_its_own_examples_and_evaluation_settings(tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    from quantdiff.evaluation.prompt_sets import read_evaluation_set
+    from quantdiff.pipelines.bundled import resolve_model
+    from quantdiff.serving.app import EXAMPLE_PROMPTS
+
+    assert _chromium() is not None, "CI must install chromium (scripts/test.sh does)"
+    folder = resolve_model("digits-sd")
+    own = read_evaluation_set(folder)
+    examples = [p.text for p in own.prompts if not p.heldout][:6]
+    service = GenerationService(folder, log_path=tmp_path / "log.jsonl")
+    with _Server(service) as server, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=_chromium(), args=_CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.set_default_timeout(PAGE_TIMEOUT_MS)
+        page.goto(server.url + "/", wait_until="networkidle")
+
+        assert page.locator("#steps input[type=number]").input_value() == "25"
+        assert page.locator("#guidance input[type=number]").input_value() == "5"
+        expect(page.locator("#defaults")).to_contain_text(
+            "Examples and defaults (25 steps, guidance 5) come from the model's own prompt set "
+            f"({len(own.prompts)} prompts, prompts/evaluation.json)."
+        )
+        shown = page.locator("#examples")
+        for text in examples:
+            expect(shown).to_contain_text(text)
+        assert EXAMPLE_PROMPTS[0] not in shown.inner_text()
+
+        shown.get_by_text(examples[1], exact=True).click()
+        expect(page.locator("#prompt textarea")).to_have_value(examples[1])
+        page.locator("#randomize input").uncheck()
+        page.locator("#seed input").fill("3")
+        page.locator("#generate").click()
+        expect(page.locator("#info")).to_contain_text("seed 3", timeout=PAGE_TIMEOUT_MS)
+        expect(page.locator("#info")).to_contain_text("25 steps · guidance 5.0")
+        browser.close()
+    (entry,) = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert entry["status"] == "ok" and entry["request"]["prompt"] == examples[1]
+    assert (entry["parameters"]["steps"], entry["parameters"]["guidance"]) == (25, 5.0)

@@ -12,6 +12,10 @@ The flow, as the CLI runs it::
     image, parameters = qd.generate(pipe, "a cat wearing a hat", seed=0)
 """
 
+from quantdiff.library_messages import drop_known_messages
+
+drop_known_messages()  # before diffusers is imported: it logs some of them on import
+
 from quantdiff.algorithms import AlgorithmConfig, QuantizationContext, Stage, register_algorithm
 from quantdiff.calibration import CalibrationRecord, CalibrationSet, capture_calibration, default_prompts, read_prompts
 from quantdiff.errors import CalibrationError, FormatError, PipelineError, QuantDiffError, RecipeError

@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from tqdm.auto import tqdm
 
 from quantdiff.demo.digits.data import render_specs
 from quantdiff.demo.digits.evaluator import adherence, load_evaluator, predict
@@ -39,6 +38,7 @@ from quantdiff.evaluation.metrics import fid_from_features, inception_score, psn
 from quantdiff.evaluation.prompt_sets import EvalPrompt, EvaluationSet, read_evaluation_set
 from quantdiff.generate import describe_execution, load_any_pipeline, step_callback_kwargs
 from quantdiff.pipelines.loading import denoiser_of
+from quantdiff.progress import Progress
 from quantdiff.quantize import quantization_info
 
 REPORT_VERSION = 1
@@ -161,7 +161,7 @@ def generate_set(
     extra = step_callback_kwargs(pipe, keep_latents)
     pipe.set_progress_bar_config(disable=True)
     started = time.perf_counter()
-    with tqdm(total=len(prompts), desc=desc, unit="img", disable=not progress) as bar:
+    with Progress(total=len(prompts), desc=desc, unit="img", enabled=progress) as bar:
         for start in range(0, len(prompts), batch_size):
             batch = slice(start, start + batch_size)
             kwargs: dict[str, Any] = {

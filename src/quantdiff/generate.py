@@ -20,6 +20,7 @@ from PIL import Image, PngImagePlugin
 from quantdiff.errors import QuantDiffError
 from quantdiff.nn import ATTENTION_CHOICES, execution_summary, use_integer_kernels
 from quantdiff.pipelines.loading import denoiser_of, load_pipeline
+from quantdiff.progress import bars_wanted
 from quantdiff.quantize import quantization_info
 from quantdiff.serialization import is_quantized_folder, load_quantized_pipeline
 
@@ -89,7 +90,7 @@ def generate(
         prompt, negative_prompt: text conditioning.
         steps, guidance, height, width: the pipeline's defaults where ``None``.
         seed: seed of the CPU generator that draws the initial latents.
-        progress: show the pipeline's per-step progress bar.
+        progress: show the pipeline's per-step progress bar (on a terminal only, see :mod:`quantdiff.progress`).
 
     Returns:
         ``(image, parameters)``; ``parameters`` holds every setting, the size actually produced, the
@@ -105,7 +106,7 @@ def generate(
     ):
         if value is not None:
             kwargs[name] = value
-    pipe.set_progress_bar_config(disable=not progress)
+    pipe.set_progress_bar_config(disable=not bars_wanted(progress))
     with torch.no_grad():
         image = pipe(**kwargs).images[0]
     _, denoiser = denoiser_of(pipe)

@@ -65,6 +65,7 @@ class LayerExtra:
         tensors: the tensors it stores, from the layer's plan and the parameters; a declaration may
             replace one of the v1 tensors (a table of input scales instead of one scale).
         needs_timestep: the layer reads the current denoising step at inference.
+        needs_static_input: the layer's input must be quantized with calibrated scales.
     """
 
     name: str
@@ -72,6 +73,7 @@ class LayerExtra:
     params: Mapping[str, Callable[[Any], str]]
     tensors: Callable[[LayerPlan, Mapping[str, Any]], dict[str, TensorDecl]]
     needs_timestep: bool = False
+    needs_static_input: bool = False
 
 
 def _positive_int(value: Any) -> str:
@@ -107,6 +109,13 @@ def _timestep_group_tensors(layer: LayerPlan, params: Mapping[str, Any]) -> dict
     }
 
 
+def _split_tensors(layer: LayerPlan, params: Mapping[str, Any]) -> dict[str, TensorDecl]:
+    return {
+        "input_scale": TensorDecl((2,), torch.float32),  # (2,): channels [:at] and [at:]
+        "input_zero_point": TensorDecl((2,), torch.int32),
+    }
+
+
 LAYER_EXTRAS: Mapping[str, LayerExtra] = MappingProxyType(
     {
         extra.name: extra
@@ -124,11 +133,19 @@ LAYER_EXTRAS: Mapping[str, LayerExtra] = MappingProxyType(
                 _lowrank_tensors,
             ),
             LayerExtra(
+                "input_split",
+                "input is cat([a, b]) along channels: one input scale for channels [:at], one for [at:]",
+                {"at": _positive_int},
+                _split_tensors,
+                needs_static_input=True,
+            ),
+            LayerExtra(
                 "timestep_groups",
                 "one static input scale per group of denoising timesteps, chosen per call",
                 {"groups": _positive_int},
                 _timestep_group_tensors,
                 needs_timestep=True,
+                needs_static_input=True,
             ),
         )
     }
@@ -161,12 +178,20 @@ class LayerPlan:
     extras: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "weight_shape", tuple(int(d) for d in self.weight_shape))
         extras = {}
+        stored: dict[str, str] = {}  # tensor name -> the extra that declares it
         for extra, params in dict(self.extras).items():
             _check_extra(self, extra, params)
             extras[extra] = MappingProxyType(dict(params))
+            for tensor in LAYER_EXTRAS[extra].tensors(self, params):
+                if tensor in stored:
+                    raise ValueError(
+                        f"layer {self.name!r}: extras {stored[tensor]!r} and {extra!r} both store {tensor!r}: "
+                        "they cannot be combined on one layer"
+                    )
+                stored[tensor] = extra
         object.__setattr__(self, "extras", MappingProxyType(extras))
-        object.__setattr__(self, "weight_shape", tuple(int(d) for d in self.weight_shape))
 
     def __deepcopy__(self, memo) -> LayerPlan:
         return self  # immutable, and its read-only mappings cannot be deep-copied
@@ -174,6 +199,11 @@ class LayerPlan:
     @property
     def quantized(self) -> bool:
         return self.weights is not None
+
+    @property
+    def static_input(self) -> bool:
+        """Whether the layer's input is quantized with stored (calibrated) scales, not dynamic ones."""
+        return self.activations is not None and not self.activations.dynamic
 
     @property
     def needs_timestep(self) -> bool:
@@ -201,7 +231,7 @@ class LayerPlan:
         }
         if not spec.symmetric:
             tensors["weight_zero_point"] = TensorDecl(spec.scale_shape(c_out, k), torch.int32)
-        if self.activations is not None:
+        if self.static_input:
             tensors["input_scale"] = TensorDecl((), torch.float32)
             tensors["input_zero_point"] = TensorDecl((), torch.int32)
         if self.has_bias:
@@ -304,7 +334,7 @@ class QuantPlan:
     @property
     def needs_calibration(self) -> bool:
         """Whether any layer has static activation scales, which only calibration data can give."""
-        return any(layer.activations is not None for layer in self.quantized)
+        return any(layer.static_input for layer in self.quantized)
 
     def to_dict(self) -> dict[str, Any]:
         return {layer.name: layer.to_dict() for layer in self.layers}
@@ -379,8 +409,12 @@ def _check_extra(layer: LayerPlan, extra: str, params: Mapping[str, Any]) -> Non
         problem = check(params[param])
         if problem:
             raise ValueError(f"layer {layer.name!r}: extra {extra!r} parameter {param!r} {problem}")
-    if kind.needs_timestep and layer.activations is None:
-        raise ValueError(f"layer {layer.name!r}: extra {extra!r} needs quantized inputs")
+    if extra == "input_split" and not params["at"] < layer.weight_shape[1]:
+        raise ValueError(
+            f"layer {layer.name!r}: input_split at={params['at']} must be below its {layer.weight_shape[1]} input channels"
+        )
+    if kind.needs_static_input and not layer.static_input:
+        raise ValueError(f"layer {layer.name!r}: extra {extra!r} needs inputs quantized with calibrated scales")
 
 
 def _decide(name, recipe, default_ignore, used_patterns):

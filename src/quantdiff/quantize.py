@@ -21,23 +21,25 @@ and attaches a :class:`QuantizationInfo` to the denoiser, which ``save_quantized
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from quantdiff.algorithms.base import AlgorithmConfig, QuantizationContext, Stage
 from quantdiff.calibration.dataset import CalibrationSet
 from quantdiff.calibration.taps import Taps
-from quantdiff.calibration.timestep import attach_step_clock
+from quantdiff.calibration.timestep import attach_step_clock, step_clock
 from quantdiff.errors import CalibrationError
 from quantdiff.nn.quantized import QUANTIZED_CLASSES, InputQParams, QuantizedLayer
 from quantdiff.nn.weights import QuantizedWeight
 from quantdiff.observers import Observer, make_observer
 from quantdiff.pipelines.architectures import Architecture, architecture_of
 from quantdiff.plan import QuantPlan, resolve_plan
+from quantdiff.progress import Progress
 from quantdiff.recipe import Recipe, load_recipe
 
 INFO_ATTRIBUTE = "quantdiff_info"
@@ -75,38 +77,55 @@ def prepare(denoiser: nn.Module, plan: QuantPlan) -> None:
 def observe_inputs(
     denoiser: nn.Module, plan: QuantPlan, calibration: CalibrationSet, *, progress: bool = True
 ) -> dict[str, InputQParams]:
-    """Static input quantization of every planned layer that quantizes its input.
+    """Calibrated input quantization of every planned layer with static input scales.
 
     Ranges are observed on the inputs the model produces in floating point (standard PTQ): on a prepared
     model at the point where each layer quantizes (after its input pre-scale), on a plain floating-point
-    model at each layer's input.
+    model at each layer's input. A layer with the ``timestep_groups`` extra gets one observer per group,
+    fed by the calls whose timestep falls in it, and a scale per group. Dynamic inputs need no calibration.
     """
-    observers: dict[str, Observer] = {}
-    with Taps(denoiser) as taps:
+    observers: dict[str, list[Observer]] = {}
+    with Taps(denoiser) as taps, step_clock(denoiser) as clock:
         for layer in plan.quantized:
-            if layer.activations is None:
+            if not layer.static_input:
                 continue
             spec = layer.activations
-            observer = make_observer(spec.observer, spec.bits, spec.symmetric, **dict(spec.observer_options))
-            observers[layer.name] = observer
-            taps.on_layer_input(layer.name, _feeder(observer))
+            groups = layer.extras.get("timestep_groups", {}).get("groups", 1)
+            parts = 2 if "input_split" in layer.extras else 1
+            observers[layer.name] = [
+                make_observer(spec.observer, spec.bits, spec.symmetric, **dict(spec.observer_options))
+                for _ in range(groups * parts)
+            ]
+            edges = denoiser.get_submodule(layer.name).timestep_edges.tolist() if groups > 1 else []
+            split = layer.extras["input_split"]["at"] if parts == 2 else None
+            channel = -1 if layer.layer_type == "Linear" else -3
+            taps.on_layer_input(layer.name, _feeder(observers[layer.name], edges, clock, split, channel))
         for _ in calibration.replay(denoiser, progress=progress, desc="observe activations"):
             pass
     qparams = {}
-    for name, observer in observers.items():
+    for name, layer_observers in observers.items():
         try:
-            qparams[name] = InputQParams(*observer.qparams())
+            pairs = [observer.qparams() for observer in layer_observers]
         except RuntimeError:
             raise CalibrationError(
-                f"layer {name!r} never ran during calibration, so its input range is unknown: "
-                f"add it to the recipe's 'ignore' list"
+                f"layer {name!r} never ran during calibration (in some timestep group), so its input range is "
+                "unknown: add it to the recipe's 'ignore' list, or calibrate with more timesteps"
             ) from None
+        scales, zero_points = zip(*pairs, strict=True)
+        qparams[name] = InputQParams(torch.cat(scales), torch.cat(zero_points))  # (G,) or (2,): one range each
     return qparams
 
 
-def _feeder(observer: Observer):
+def _feeder(observers: list[Observer], edges: list[float], clock, split: int | None, channel: int):
     def feed(x) -> None:
-        observer.update(x.detach().float().reshape(1, -1))  # (1, numel): one per-tensor range
+        x = x.detach().float()
+        group = bisect.bisect_right(edges, clock.timestep) if edges else 0
+        if split is None:
+            observers[group].update(x.reshape(1, -1))  # (1, numel): one per-tensor range
+            return
+        first, second = x.split([split, x.shape[channel] - split], dim=channel)  # cat([a, b]): one range each
+        observers[0].update(first.reshape(1, -1))
+        observers[1].update(second.reshape(1, -1))
 
     return feed
 
@@ -133,7 +152,7 @@ def convert(
     input_qparams = input_qparams or {}
     rounded_weights = rounded_weights or {}
     prepare(denoiser, plan)
-    for layer in tqdm(plan.quantized, desc="quantize weights", disable=not progress, leave=False):
+    for layer in Progress(plan.quantized, desc="quantize weights", unit="layer", enabled=progress, leave=False):
         module = denoiser.get_submodule(layer.name)
         qparams = input_qparams.get(layer.name)
         module.convert(rounded_weights.get(layer.name), None if qparams is None else InputQParams(*qparams))
@@ -186,7 +205,8 @@ def quantize_denoiser(
         raise CalibrationError("this denoiser is already quantized: load the floating-point model again")
     if recipe.needs_calibration:
         if calibration is None or len(calibration) == 0:
-            why = "quantizes activations" if recipe.activations is not None else "runs algorithms that replay it"
+            static = recipe.activations is not None and not recipe.activations.dynamic
+            why = "quantizes activations with calibrated scales" if static else "runs algorithms that replay it"
             raise CalibrationError(
                 f"recipe {recipe.name!r} ({recipe.label}) {why}, which needs calibration data: "
                 "pass --calib DIR (from `quantdiff calibrate`) or --prompts FILE"

@@ -46,9 +46,11 @@ RECIPE_FEATURES = (
     Feature("overrides.*.weights.pair_safe", 2, "pair-safe weights"),
     Feature("algorithms", 3, "algorithms"),
     Feature("layers", 3, "exact per-layer entries"),
+    Feature("activations.dynamic", 3, "dynamic activation scales"),
+    Feature("overrides.*.activations.dynamic", 3, "dynamic activation scales"),
 )
 
-GRANULARITIES = ("tensor", "channel", "group")
+GRANULARITIES = ("tensor", "channel", "group", "token")
 SUPPORTED_LAYER_TYPES = ("Linear", "Conv2d")
 
 
@@ -64,7 +66,9 @@ class TensorSpec:
         bits: integer width, 2 to 8.
         symmetric: signed values with zero point 0 (``True``), or unsigned values with a zero point.
         granularity: one scale per ``"tensor"``, per output ``"channel"``, or per ``"group"`` of
-            ``group_size`` consecutive input features of each output channel.
+            ``group_size`` consecutive input features of each output channel (weights); for activations
+            ``"tensor"``, or ``"token"`` (dynamic only): one scale per token of a Linear input, per pixel of a
+            convolution's input.
         group_size: required for ``"group"``, forbidden otherwise.
         observer: how the range is chosen from the observed values: ``"minmax"``, ``"ema_minmax"``,
             ``"percentile"`` or ``"mse"`` (Lp range search, p = 2.4, as in Q-Diffusion).
@@ -76,6 +80,9 @@ class TensorSpec:
             error), costing about 1 dB of layer SQNR; see ``primitives.pair_safe_quantize`` and
             benchmarks/KERNELS.md. Without it the integer path on such a CPU is wrong (14-46 dB per layer)
             and ``quantdiff.nn.use_integer_kernels`` keeps those layers on the reference path.
+        dynamic: activations only: the scale (and zero point) is computed from each call's input, by
+            min-max, per tensor or per token (ViDiT-Q), instead of calibrated once. Needs no calibration
+            data and follows every timestep, prompt and guidance branch, at the cost of a reduction per call.
     """
 
     bits: int
@@ -85,6 +92,7 @@ class TensorSpec:
     observer: str = "minmax"
     observer_options: Mapping[str, Any] = field(default_factory=dict)
     pair_safe: bool = False
+    dynamic: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "observer_options", _frozen_mapping(self.observer_options))
@@ -117,6 +125,16 @@ class TensorSpec:
                 "pair_safe applies to 8-bit symmetric per-channel weights (what int8 kernels take), got "
                 f"{self.describe()}: set bits 8, symmetric true and granularity 'channel', or set pair_safe false"
             )
+        if not isinstance(self.dynamic, bool):
+            raise RecipeError(f"dynamic={self.dynamic!r} must be true or false")
+        if self.granularity == "token" and not self.dynamic:
+            raise RecipeError("granularity 'token' computes a scale per token at run time: set dynamic true")
+        if self.dynamic and self.observer != "minmax":
+            raise RecipeError(
+                f"dynamic scales are the min-max of each call: remove observer {self.observer!r} (or set dynamic false)"
+            )
+        if self.dynamic and self.granularity not in ("tensor", "token"):
+            raise RecipeError(f"dynamic scales are per tensor or per token, not per {self.granularity}")
 
     def __deepcopy__(self, memo) -> TensorSpec:
         # Immutable (frozen, options in a read-only mapping that deepcopy cannot copy): share it, so that
@@ -155,7 +173,8 @@ class TensorSpec:
         """Short human form, e.g. ``int8 sym channel minmax`` or ``int4 sym group128 mse``."""
         granularity = f"group{self.group_size}" if self.granularity == "group" else self.granularity
         mode = "sym" if self.symmetric else "asym"
-        return f"int{self.bits} {mode} {granularity} {self.observer}" + (" pair-safe" if self.pair_safe else "")
+        observer = "dynamic" if self.dynamic else self.observer
+        return f"int{self.bits} {mode} {granularity} {observer}" + (" pair-safe" if self.pair_safe else "")
 
     def to_dict(self) -> dict[str, Any]:
         data = {
@@ -168,6 +187,8 @@ class TensorSpec:
         }
         if self.pair_safe:  # written only when set: see the module docstring on format versions
             data["pair_safe"] = True
+        if self.dynamic:
+            data["dynamic"] = True
         return data
 
     @classmethod
@@ -258,6 +279,7 @@ class Recipe:
             raise RecipeError("a recipe needs a non-empty name")
         if not isinstance(self.weights, TensorSpec):
             raise RecipeError("recipe.weights must be a TensorSpec")
+        _check_weight_spec(self.weights, "recipe weights")
         if self.activations is not None:
             _check_activation_spec(self.activations, "recipe activations")
         object.__setattr__(self, "ignore", tuple(self.ignore))
@@ -290,7 +312,10 @@ class Recipe:
     def needs_calibration(self) -> bool:
         """Whether quantizing with this recipe needs calibration data (static input scales, or an algorithm
         that replays recorded inputs)."""
-        return self.activations is not None or any(a.NEEDS_CALIBRATION for a in self.algorithms)
+        rules = [*self.overrides, *self.layers.values()]
+        specs = [self.activations, *(self.specs_for(rule)[1] for rule in rules)]
+        static = any(spec is not None and not spec.dynamic for spec in specs)
+        return static or any(a.NEEDS_CALIBRATION for a in self.algorithms)
 
     @property
     def label(self) -> str:
@@ -304,6 +329,7 @@ class Recipe:
         try:
             try:
                 weights = dataclasses.replace(self.weights, **override.weights)
+                _check_weight_spec(weights, "weights")
             except RecipeError as error:  # e.g. bits 4 on pair-safe weights: name the override at fault
                 raise RecipeError(f"override {override.pattern!r}: {error}") from None
             if override.activations is None:
@@ -316,7 +342,10 @@ class Recipe:
             elif self.activations is None:
                 activations = None
             else:
-                activations = dataclasses.replace(self.activations, **override.activations)
+                try:
+                    activations = dataclasses.replace(self.activations, **override.activations)
+                except RecipeError as error:
+                    raise RecipeError(f"override {override.pattern!r}: {error}") from None
         except TypeError as error:
             raise RecipeError(f"override {override.pattern!r}: {error}") from None
         if activations is not None:
@@ -405,11 +434,16 @@ def _entry_from_dict(name: str, entry: Any) -> LayerOverride:
 def _check_activation_spec(spec: TensorSpec, where: str) -> None:
     if spec.pair_safe:
         raise RecipeError(f"{where}: pair_safe is a weight option; remove it from the activation spec")
-    if spec.granularity != "tensor":
+    if spec.granularity not in ("tensor", "token"):
         raise RecipeError(
-            f"{where}: activations are quantized with static per-tensor scales; "
-            f"granularity {spec.granularity!r} is not supported (use 'tensor')"
+            f"{where}: activations are quantized per tensor (static or dynamic) or per token (dynamic); "
+            f"granularity {spec.granularity!r} is not supported"
         )
+
+
+def _check_weight_spec(spec: TensorSpec, where: str) -> None:
+    if spec.dynamic or spec.granularity == "token":
+        raise RecipeError(f"{where}: weights are quantized once: dynamic and granularity 'token' are activation options")
 
 
 def _check_keys(data: Mapping[str, Any], cls: type, where: str) -> None:

@@ -16,8 +16,8 @@ base folder, not copied, unless ``copy_components`` makes the folder self-contai
 then ``"."``).
 
 Format versions (:data:`FOLDER_FEATURES`): 1 is the original layout; 2 adds layer extras in the plan
-(tensors such as an input pre-scale, a low-rank branch or per-timestep input scales) and recipes with
-algorithms or exact per-layer entries. A folder is written with the lowest version that can express it
+(tensors such as an input pre-scale, a low-rank branch or per-timestep input scales), dynamic activation
+scales, and recipes with algorithms or exact per-layer entries. A folder is written with the lowest version that can express it
 (:mod:`quantdiff.versioning`), so one that uses nothing new stays version 1 and loads in every quantdiff;
 a reader refuses a newer version with "upgrade quantdiff".
 
@@ -71,6 +71,9 @@ FOLDER_FEATURES = (
     Feature("plan.*.extras", 2, "layer extras"),
     Feature("recipe.algorithms", 2, "a recipe with algorithms"),
     Feature("recipe.layers", 2, "a recipe with exact per-layer entries"),
+    Feature("plan.*.activations.dynamic", 2, "dynamic activation scales"),
+    Feature("recipe.activations.dynamic", 2, "dynamic activation scales"),
+    Feature("recipe.overrides.*.activations.dynamic", 2, "dynamic activation scales"),
 )
 CONFIG_NAME = "quantdiff.json"
 WEIGHTS_NAME = "quantized.safetensors"

@@ -46,7 +46,13 @@ if TYPE_CHECKING:
     from quantdiff.plan import LayerPlan, QuantPlan
 
 # Modules of the built-in algorithms, imported (and so registered) the first time a `_type` is looked up.
-BUILTIN_ALGORITHMS: tuple[str, ...] = ()
+BUILTIN_ALGORITHMS: tuple[str, ...] = (
+    "quantdiff.algorithms.gptq",
+    "quantdiff.algorithms.lowrank",
+    "quantdiff.algorithms.shortcut_split",
+    "quantdiff.algorithms.smoothquant",
+    "quantdiff.algorithms.timestep_groups",
+)
 
 
 class Stage(enum.Enum):

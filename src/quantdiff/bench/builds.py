@@ -156,7 +156,7 @@ def minmax_weights(recipe: Recipe, name: str) -> Recipe:
     return Recipe(name=name, weights=weights, activations=recipe.activations)
 
 
-def build_quantdiff(ctx: BuildContext, recipe: Recipe | None) -> Built:
+def build_quantdiff(ctx: BuildContext, recipe: Recipe | Callable[[Recipe], Recipe] | None) -> Built:
     """quantdiff's ``recipe`` in integer mode (``None``: the W8A8 preset for this device); layers the kernel
     cannot take keep the reference path, and the row's path detail counts them by reason.
 
@@ -166,11 +166,12 @@ def build_quantdiff(ctx: BuildContext, recipe: Recipe | None) -> Built:
     its math); attention stays as the bf16 model computes it.
     """
     on_bf16 = ctx.baseline == "bf16"
-    if recipe is None:
-        recipe = PRESETS["w8a8"] if on_bf16 else integer_w8a8_recipe()
+    if recipe is None or callable(recipe):
+        base = PRESETS["w8a8"] if on_bf16 else integer_w8a8_recipe()
+        recipe = base if recipe is None else recipe(base)
     # .to(bfloat16) below converts in place, so the bf16 suite cannot share the reference's tensors
     model = copy.deepcopy(ctx.reference) if on_bf16 else share_weights_copy(ctx.reference)
-    calibration = ctx.calibration if recipe.activations is not None else None
+    calibration = ctx.calibration if recipe.needs_calibration else None
     info = quantize_denoiser(model, recipe, calibration, progress=False)
     if on_bf16:
         summary = use_integer_kernels(model.to(torch.bfloat16), backend="int_mm", attention="float32")

@@ -12,6 +12,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from quantdiff.algorithms.shortcut_split import ShortcutSplit
+from quantdiff.algorithms.smoothquant import SmoothQuant
+from quantdiff.algorithms.timestep_groups import TimestepGroups
 from quantdiff.bench.builds import (
     BuildContext,
     Built,
@@ -73,6 +76,10 @@ METHODS: Mapping[str, MethodSpec] = MappingProxyType(
             MethodSpec("qd-w8a8", "quantdiff W8A8 (int8 kernels)", _QD, "qd-w8a8", baselines=_BOTH),
             MethodSpec("qd-w8a8-compile", "quantdiff W8A8 + compile", _QD, "qd-w8a8", _COMPILE, baselines=_BOTH),
             MethodSpec("qd-w8a8-graphs", "quantdiff W8A8 + CUDA graphs", _QD, "qd-w8a8", _GRAPHS, baselines=_GPU),
+            MethodSpec("qd-w8a8-tg4", "quantdiff W8A8, 4 timestep groups", _QD, "qd-w8a8-tg4"),
+            MethodSpec("qd-w8a8-token", "quantdiff W8A8, dynamic per-token inputs", _QD, "qd-w8a8-token"),
+            MethodSpec("qd-w8a8-sq", "quantdiff W8A8 + SmoothQuant", _QD, "qd-w8a8-sq"),
+            MethodSpec("qd-w8a8-split", "quantdiff W8A8 + shortcut split", _QD, "qd-w8a8-split"),
             MethodSpec("qd-w4a8", "quantdiff W4A8 (group 128)", _QD, "qd-w4a8"),
             MethodSpec("qd-w4a8-mse", "quantdiff W4A8 (preset)", _QD, "qd-w4a8-mse"),
             MethodSpec("qd-w4a8-ch", "quantdiff W4A8 per-channel", _QD, "qd-w4a8-ch"),
@@ -100,10 +107,25 @@ METHODS: Mapping[str, MethodSpec] = MappingProxyType(
     }
 )
 
-# quantdiff builds -> recipe, all in integer mode (None: the W8A8 preset for the device, see build_quantdiff)
-_QD_RECIPES: Mapping[str, Recipe | None] = MappingProxyType(
+
+def _w8a8_with(name: str, activations: TensorSpec | None = None, *algorithms) -> Callable[[Recipe], Recipe]:
+    """The device's W8A8 preset with another activation mode or algorithms (the cost of each mode vs W8A8)."""
+
+    def variant(base: Recipe) -> Recipe:
+        return Recipe(name, base.weights, activations or base.activations, algorithms=algorithms)
+
+    return variant
+
+
+# quantdiff builds -> recipe, all in integer mode (None: the W8A8 preset for the device, see build_quantdiff;
+# a function: a variant of that preset)
+_QD_RECIPES: Mapping[str, Recipe | Callable[[Recipe], Recipe] | None] = MappingProxyType(
     {
         "qd-w8a8": None,
+        "qd-w8a8-tg4": _w8a8_with("w8a8-tg4", None, TimestepGroups(4)),
+        "qd-w8a8-token": _w8a8_with("w8a8-token", TensorSpec(8, True, "token", dynamic=True)),
+        "qd-w8a8-sq": _w8a8_with("w8a8-sq", None, SmoothQuant(alphas=(0.5,))),
+        "qd-w8a8-split": _w8a8_with("w8a8-split", None, ShortcutSplit()),
         "qd-w4a8": minmax_weights(PRESETS["w4a8"], "w4a8-minmax-weights"),
         "qd-w4a8-mse": PRESETS["w4a8"],
         "qd-w4a8-ch": Recipe(
@@ -147,6 +169,10 @@ BUILD_ORDER = (
     "quanto-w8",
     "torchao-w8",
     "torchao-w8a8",
+    "qd-w8a8-tg4",
+    "qd-w8a8-token",
+    "qd-w8a8-sq",
+    "qd-w8a8-split",
     "qd-w4a8-ch",
     "qd-w8a16",
     "qd-w4a8",
@@ -183,6 +209,7 @@ _MEMORY = MappingProxyType(
         "fp32": (0.0, 0.0, (1.95, -0.85)),
         "bf16": (0.5, 0.1, (1.0, -0.45)),  # half of fp32's: bf16 weights, their frozen copy, the compile's peak
         "qd-w8a8": (0.5, 0.3, 0.1),
+        **{f"qd-w8a8-{mode}": (0.5, 0.3, 0.1) for mode in ("tg4", "token", "sq", "split")},
         "qd-w4a8": (0.15, 0.4, 0.1),
         "qd-w4a8-mse": (0.15, 0.4, 0.1),
         "qd-w4a8-ch": (0.4, 0.4, 0.1),

@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from quantdiff.calibration.dataset import CalibrationRecord, CalibrationSet
 from quantdiff.errors import CalibrationError
 from quantdiff.pipelines.loading import config_hash, denoiser_of
+from quantdiff.progress import Progress
 
 MODES = ("trajectory", "noise")
 
@@ -116,7 +116,9 @@ def capture_calibration(
     pipe.set_progress_bar_config(disable=True)
 
     records: list[CalibrationRecord] = []
-    for prompt_index, prompt in enumerate(tqdm(prompts, desc=f"calibrate ({mode})", disable=not progress)):
+    for prompt_index, prompt in enumerate(
+        Progress(prompts, desc=f"calibrate ({mode})", unit="prompt", enabled=progress)
+    ):
         generator = torch.Generator("cpu").manual_seed(seed + prompt_index)
         recorder = _InputRecorder(denoiser, None if mode == "noise" else set(keep_steps), mode == "noise")
         handle = denoiser.register_forward_pre_hook(recorder, with_kwargs=True)

@@ -30,12 +30,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from quantdiff.atomic import atomic_directory
 from quantdiff.errors import CalibrationError
 from quantdiff.jsonfile import read_json_object
 from quantdiff.pipelines.loading import config_hash
+from quantdiff.progress import Progress
 
 INDEX_NAME = "index.json"
 FORMAT_NAME = "quantdiff-calibration"
@@ -118,7 +118,7 @@ class CalibrationSet:
         parameter = next(denoiser.parameters(), None)
         device = parameter.device if parameter is not None else torch.device("cpu")
         dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
-        for record in tqdm(self.records, desc=desc, disable=not progress, leave=False):
+        for record in Progress(self.records, desc=desc, unit="call", enabled=progress, leave=False):
             # no_grad around the call only: a `yield` inside it would leave autograd disabled in the
             # caller for as long as this generator is suspended.
             with torch.no_grad():

@@ -61,7 +61,7 @@ from quantdiff.nn.kernels import (
 )
 from quantdiff.nn.weights import QuantizedWeight, dequantize_weight, quantize_weight
 from quantdiff.plan import LayerPlan, TensorDecl
-from quantdiff.primitives import fake_quantize, pack_int4
+from quantdiff.primitives import compute_qparams, fake_quantize, pack_int4
 from quantdiff.recipe import TensorSpec
 
 EXECUTION_MODES = ("reference", "integer")
@@ -106,6 +106,7 @@ class QuantizedLayer(nn.Module):
         self._support: KernelSupport | None = None
         self._kernel = None
         self._decision: KernelDecision | None = None  # None: not decided since the last change
+        self._call_table: list[tuple[float, int]] | None = None  # per-group input qparams as Python numbers
         declared = layer.stored_tensors()
         if float_weight is None:  # a skeleton: every declared tensor, to be loaded into
             for name, decl in declared.items():
@@ -177,7 +178,10 @@ class QuantizedLayer(nn.Module):
         tensors = dict(tensors or {})
         for name, decl in layer.stored_tensors().items():
             if name in tensors:
-                self._store(name, tensors.pop(name).detach().to(device=self.tensor_device()), decl)
+                # contiguous, as loading gives: a strided copy (SVD factors) would take other kernels and
+                # round differently from the reloaded layer
+                stored = tensors.pop(name).detach().to(device=self.tensor_device())
+                self._store(name, stored.clone(memory_format=torch.contiguous_format), decl)
             elif not (self.is_prepared and name in _CONVERTED_TENSORS) and name != "bias" and not self._holds(name):
                 raise ValueError(f"layer {layer.name!r}: its plan declares {name!r}: pass the tensor")
         if tensors:
@@ -207,7 +211,7 @@ class QuantizedLayer(nn.Module):
         nearest) and the input quantization, and drop the floating-point weight."""
         if not self.is_prepared:
             raise RuntimeError(f"layer {self.layer_plan.name!r} is already converted")
-        if self.input_spec is not None and input_qparams is None:
+        if self.layer_plan.static_input and input_qparams is None:
             raise CalibrationError(f"no input scale for layer {self.layer_plan.name!r}: calibrate before converting")
         float_weight = self._parameters.pop("weight")
         if weight is None:
@@ -219,7 +223,7 @@ class QuantizedLayer(nn.Module):
                 self._store(name, tensor.to(device), declared[name])
         if self.bias is not None:
             self._store("bias", self.bias.detach().float().clone(), declared["bias"])
-        if self.input_spec is not None:
+        if self.layer_plan.static_input:
             self.set_input_qparams(*input_qparams)
         self._drop_kernel()
 
@@ -238,8 +242,8 @@ class QuantizedLayer(nn.Module):
 
     def set_input_qparams(self, scale: Tensor, zero_point: Tensor) -> None:
         """Store the calibrated input scale and zero point (0-d, or one per timestep group)."""
-        if self.input_spec is None:
-            raise ValueError("this layer keeps its inputs in floating point")
+        if not self.layer_plan.static_input:
+            raise ValueError("this layer has no stored input scale (floating-point or dynamic inputs)")
         declared = self.layer_plan.stored_tensors()
         device = self.tensor_device()
         shape = declared["input_scale"].shape
@@ -294,12 +298,33 @@ class QuantizedLayer(nn.Module):
         """``vector`` ``(C_in,)`` shaped to broadcast over the input's channel dimension."""
         raise NotImplementedError
 
-    def call_input_qparams(self) -> InputQParams:
-        """The input scale and zero point of this call: the static pair, or the current timestep group's."""
+    def call_input_qparams(self, x: Tensor) -> InputQParams:
+        """The input scale and zero point of this call: the static pair, the current timestep group's, or
+        (dynamic inputs) computed from ``x``: per tensor, or per token / pixel (shaped to broadcast over ``x``)."""
+        spec = self.input_spec
+        if spec.dynamic:
+            if spec.granularity == "token":
+                channel = self._channel_dim(x)
+                low, high = x.amin(dim=channel, keepdim=True), x.amax(dim=channel, keepdim=True)  # (..., 1)
+            else:
+                low, high = x.min(), x.max()
+            return InputQParams(*compute_qparams(low, high, spec.bits, spec.symmetric))
+        if "input_split" in self.extras:  # one pair per part, laid out per channel
+            sizes = self._split_sizes(x)
+            scale = self._per_channel(self.input_scale.repeat_interleave(sizes))  # (C_in, ...) broadcasts over x
+            return InputQParams(scale, self._per_channel(self.input_zero_point.repeat_interleave(sizes)))
         if "timestep_groups" not in self.extras:
             return InputQParams(self.input_scale, self.input_zero_point)
         group = self.timestep_group()
         return InputQParams(self.input_scale[group], self.input_zero_point[group])
+
+    def _channel_dim(self, x: Tensor) -> int:
+        """The input's channel dimension (Linear: last; Conv2d: the C of (N, C, H, W) or (C, H, W))."""
+        raise NotImplementedError
+
+    def _split_sizes(self, x: Tensor) -> Tensor:
+        at = self.extras["input_split"]["at"]
+        return torch.tensor([at, x.shape[self._channel_dim(x)] - at], device=self.input_scale.device)
 
     def timestep_group(self) -> int:
         """Index of the group of the denoiser's current timestep.
@@ -320,7 +345,7 @@ class QuantizedLayer(nn.Module):
         """Fake-quantize ``x`` with this call's input scale (identity for weight-only layers)."""
         if self.input_spec is None:
             return x
-        scale, zero_point = self.call_input_qparams()
+        scale, zero_point = self.call_input_qparams(x)
         return fake_quantize(x, scale, zero_point, self.input_spec.bits, self.input_spec.symmetric)
 
     def dequantized_weight(self) -> Tensor:
@@ -377,7 +402,7 @@ class QuantizedLayer(nn.Module):
 
     def kernel_inputs(self) -> KernelInputs:
         """What a kernel is built from (:class:`~quantdiff.nn.kernels.KernelInputs`)."""
-        quantized_input = self.input_spec is not None
+        quantized_input = self.layer_plan.static_input
         return KernelInputs(
             weight_q=self.integer_weight(),
             weights=self.weight_spec,
@@ -387,7 +412,9 @@ class QuantizedLayer(nn.Module):
             input_scale=self.input_scale if quantized_input else None,
             input_zero_point=self.input_zero_point if quantized_input else None,
             conv=ConvGeometry.of(self) if isinstance(self, QuantizedConv2d) else None,
-            per_call_input_scale="timestep_groups" in self.extras,
+            input_split=self.extras.get("input_split", {}).get("at"),
+            per_call_input_scale="timestep_groups" in self.extras
+            or (self.input_spec is not None and self.input_spec.dynamic and self.input_spec.granularity == "tensor"),
         )
 
     @property
@@ -413,7 +440,7 @@ class QuantizedLayer(nn.Module):
     def _drop_kernel(self) -> None:
         if self._kernel is not None:
             self._buffers["weight_q"] = self.integer_weight()
-        self._kernel, self._decision = None, None
+        self._kernel, self._decision, self._call_table = None, None, None
 
     def _integer_forward(self, x: Tensor) -> Tensor | None:
         """The kernel's output, or None when this call must take the reference path."""
@@ -430,7 +457,20 @@ class QuantizedLayer(nn.Module):
                 stacklevel=3,
             )
             return None
-        return self._kernel(x, self.bias)
+        return self._kernel(x, self.bias, self._kernel_call_qparams(x))
+
+    def _kernel_call_qparams(self, x: Tensor) -> tuple[float, int] | None:
+        """This call's input scale and zero point as Python numbers, where they change per call (the kernel
+        holds the static ones, and computes per-token ones itself)."""
+        spec = self.input_spec
+        if spec.dynamic and spec.granularity == "tensor":
+            scale, zero_point = self.call_input_qparams(x)
+            return float(scale), int(zero_point)
+        if "timestep_groups" in self.extras:
+            if self._call_table is None:  # Python numbers once per kernel: no .item() per call
+                self._call_table = list(zip(self.input_scale.tolist(), self.input_zero_point.tolist(), strict=True))
+            return self._call_table[self.timestep_group()]
+        return None
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -450,7 +490,7 @@ class QuantizedLayer(nn.Module):
         state = self.__dict__.copy()
         if self._kernel is not None:
             state["_buffers"] = {**self._buffers, "weight_q": self.integer_weight()}
-        state["_kernel"], state["_decision"] = None, None
+        state["_kernel"], state["_decision"], state["_call_table"] = None, None, None
         return state
 
     def extra_repr(self) -> str:
@@ -485,6 +525,9 @@ class QuantizedLinear(QuantizedLayer):
     def _per_channel(self, vector: Tensor) -> Tensor:
         return vector  # (C_in,) broadcasts over (..., C_in)
 
+    def _channel_dim(self, x: Tensor) -> int:
+        return -1
+
 
 class QuantizedConv2d(QuantizedLayer):
     """``nn.Conv2d`` with integer weights; see the module docstring for the stored tensors."""
@@ -518,6 +561,9 @@ class QuantizedConv2d(QuantizedLayer):
 
     def _per_channel(self, vector: Tensor) -> Tensor:
         return vector[:, None, None]  # (C_in, 1, 1) broadcasts over (N, C_in, H, W) and (C_in, H, W)
+
+    def _channel_dim(self, x: Tensor) -> int:
+        return -3
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, stride={self.stride}, padding={self.padding}, groups={self.groups}"

@@ -7,6 +7,7 @@ instead of testing class names itself.
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,22 @@ class IgnoreRule:
 
 
 @dataclass(frozen=True)
+class NormFeeds:
+    """An affine norm whose output feeds only ``layers``: a per-input-channel factor of those layers (channel
+    balancing, SmoothQuant) folds exactly into the norm's weight and bias instead of a stored pre-scale.
+
+    Attributes:
+        norm: glob of the norm's qualified name, e.g. ``*.transformer_blocks.*.norm1``.
+        layers: the layers it feeds, by name relative to the norm's parent module.
+        reason: what this is, for reports.
+    """
+
+    norm: str
+    layers: tuple[str, ...]
+    reason: str
+
+
+@dataclass(frozen=True)
 class Architecture:
     """A supported denoiser family.
 
@@ -35,6 +52,11 @@ class Architecture:
         denoiser_class: diffusers class name of the denoiser.
         flow_matching: whether the denoiser predicts a flow-matching velocity rather than noise.
         default_ignore: layers kept in floating point unless a recipe says otherwise.
+        norm_feeds: affine norms and the layers they feed (foldable channel factors); empty where every
+            norm is modulated per timestep (adaLN), which no stored factor can fold into.
+        skip_concat: whether up blocks concatenate the skip connections to their input (UNets): the
+            inputs of their resnets' ``conv1`` and ``conv_shortcut`` join two tensors of different ranges
+            (Q-Diffusion's shortcut splitting, :func:`concat_split_points`).
     """
 
     name: str
@@ -43,6 +65,8 @@ class Architecture:
     denoiser_class: str
     flow_matching: bool
     default_ignore: tuple[IgnoreRule, ...]
+    norm_feeds: tuple[NormFeeds, ...] = ()
+    skip_concat: bool = False
 
 
 # Shared reasons, so the same decision reads the same everywhere.
@@ -59,6 +83,18 @@ _UNET_IGNORE = (
     IgnoreRule("time_embedding.*", _TIME),
 )
 
+# diffusers' Transformer2DModel in the UNet: GroupNorm -> proj_in, and in each BasicTransformerBlock (norm type
+# "layer_norm") affine LayerNorms before self-attention, cross-attention (query only: key and value take the
+# text) and the feed-forward. The resnets' norms are followed by SiLU: nothing folds there.
+_UNET_NORM_FEEDS = (
+    NormFeeds("*.attentions.*.norm", ("proj_in",), "GroupNorm before the transformer's input projection"),
+    NormFeeds(
+        "*.transformer_blocks.*.norm1", ("attn1.to_q", "attn1.to_k", "attn1.to_v"), "LayerNorm before self-attention"
+    ),
+    NormFeeds("*.transformer_blocks.*.norm2", ("attn2.to_q",), "LayerNorm before cross-attention's query"),
+    NormFeeds("*.transformer_blocks.*.norm3", ("ff.net.0.proj",), "LayerNorm before the feed-forward"),
+)
+
 SD15 = Architecture(
     name="sd15",
     title="Stable Diffusion 1.x / 2.x UNet",
@@ -66,6 +102,8 @@ SD15 = Architecture(
     denoiser_class="UNet2DConditionModel",
     flow_matching=False,
     default_ignore=_UNET_IGNORE,
+    norm_feeds=_UNET_NORM_FEEDS,
+    skip_concat=True,
 )
 
 SDXL = Architecture(
@@ -81,8 +119,12 @@ SDXL = Architecture(
             "pooled-text and size/crop (time_ids) embedding MLP: negligible FLOPs, conditions every block",
         ),
     ),
+    norm_feeds=_UNET_NORM_FEEDS,
+    skip_concat=True,
 )
 
+# SD3's and PixArt's block norms are adaLN: scaled and shifted per timestep (AdaLayerNormZero / the
+# scale-shift table), so no stored factor folds into them; channel factors are stored as input pre-scales.
 SD3 = Architecture(
     name="sd3",
     title="Stable Diffusion 3 / 3.5 MMDiT",
@@ -120,6 +162,38 @@ PIXART = Architecture(
 )
 
 ARCHITECTURES: Mapping[str, Architecture] = {a.name: a for a in (SD15, SDXL, SD3, PIXART)}
+
+
+def norm_feeds_of(denoiser: nn.Module, architecture: Architecture) -> dict[str, tuple[str, ...]]:
+    """``{norm name: (qualified names of the layers it feeds)}`` for the affine norms of ``denoiser``."""
+    feeds: dict[str, tuple[str, ...]] = {}
+    for name, module in denoiser.named_modules():
+        for rule in architecture.norm_feeds:
+            if fnmatch.fnmatchcase(name, rule.norm) and getattr(module, "weight", None) is not None:
+                parent = name.rpartition(".")[0]
+                feeds[name] = tuple(f"{parent}.{layer}" if parent else layer for layer in rule.layers)
+    return feeds
+
+
+def concat_split_points(denoiser: nn.Module, architecture: Architecture) -> dict[str, int]:
+    """``{layer name: channels of the first part}`` for every layer whose input is ``cat([hidden, skip], dim=1)``.
+
+    In a diffusers UNet up block, resnet ``j`` gets the previous resnet's output (``j > 0``), or the previous
+    up block's output (the mid block's for the first block), concatenated with a skip connection; its
+    ``conv1`` (after norm and SiLU) and ``conv_shortcut`` see that join. Empty for architectures without skip
+    concatenation.
+    """
+    if not architecture.skip_concat:
+        return {}
+    splits: dict[str, int] = {}
+    hidden = int(denoiser.config["block_out_channels"][-1])  # what the mid block hands the first up block
+    for i, block in enumerate(denoiser.up_blocks):
+        for j, resnet in enumerate(block.resnets):
+            for layer in ("conv1", "conv_shortcut"):
+                if getattr(resnet, layer, None) is not None:
+                    splits[f"up_blocks.{i}.resnets.{j}.{layer}"] = hidden
+            hidden = int(resnet.out_channels)
+    return splits
 
 
 def architecture_of(denoiser: nn.Module) -> Architecture:

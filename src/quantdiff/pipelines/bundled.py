@@ -12,6 +12,7 @@ a fresh machine with no download. The cache is ``$QUANTDIFF_CACHE`` or ``~/.cach
 
 from __future__ import annotations
 
+import difflib
 import os
 from importlib import resources
 from pathlib import Path
@@ -41,6 +42,21 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
         with atomic_directory(folder, overwrite=folder.exists()) as staging:
             build_tiny_pipeline(text.removeprefix("tiny-")).save_pretrained(staging)
     return str(folder)
+
+
+def unknown_model_hint(text: str) -> str:
+    """What to add when ``text``, given as a model, is neither an existing path nor a bundled name.
+
+    A bare name (no folder separator) was probably meant as a bundled name: the hint names the closest one
+    and lists them all. A path gets no hint (an empty string).
+    """
+    if text in BUNDLED:  # the Python API takes folders; the command line resolves bundled names itself
+        return f"; '{text}' is a bundled model name: pass resolve_model('{text}') (quantdiff.pipelines.bundled)"
+    if "/" in text or os.sep in text or text.startswith(("~", ".")):
+        return ""
+    close = difflib.get_close_matches(text, BUNDLED, n=1, cutoff=0.6)
+    guess = f": did you mean '{close[0]}'?" if close else ""
+    return f", and it is not a bundled model name{guess} (bundled: {', '.join(BUNDLED)})"
 
 
 def trained_model_folder(name: str) -> Path:

@@ -65,7 +65,9 @@ def read_pipeline_folder(path: str | os.PathLike) -> PipelineFolder:
     """Validate that ``path`` is a diffusers text-to-image pipeline folder quantdiff supports."""
     folder = Path(path).expanduser()
     if not folder.exists():
-        raise PipelineError(f"model folder '{path}' does not exist")
+        from quantdiff.pipelines.bundled import unknown_model_hint  # imports diffusers: only when needed
+
+        raise PipelineError(f"model folder '{path}' does not exist{unknown_model_hint(str(path))}")
     if not folder.is_dir():
         raise PipelineError(f"'{path}' is a file, not a diffusers pipeline folder")
     index_path = folder / "model_index.json"

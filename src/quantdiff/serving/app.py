@@ -26,6 +26,7 @@ from quantdiff.generate import png_bytes
 from quantdiff.serving.schedulers import scheduler_names
 from quantdiff.serving.service import GenerationRequest, GenerationService, NonFiniteError, QueueFullError
 
+# For models that carry no prompt set of their own (prompts/evaluation.json supplies examples and defaults).
 EXAMPLE_PROMPTS = [
     "a red fox sitting in fresh snow at dawn",
     "a watercolor painting of a lighthouse on a rocky coast",
@@ -124,6 +125,16 @@ def _describe(result, label: str) -> str:
     )
 
 
+def _defaults_text(slot, defaults: dict[str, Any]) -> str:
+    own = slot.prompt_set
+    if own is None:
+        return f"Examples are generic; defaults: {defaults['steps']} steps, guidance {defaults['guidance']:g}."
+    return (
+        f"Examples and defaults ({defaults['steps']} steps, guidance {defaults['guidance']:g}) come from "
+        f"the model's own prompt set ({len(own.prompts)} prompts, prompts/evaluation.json)."
+    )
+
+
 def build_ui(service: GenerationService) -> gr.Blocks:
     """The gradio page: generate (and compare) tab, history tab."""
     slot = service.main
@@ -146,8 +157,12 @@ def build_ui(service: GenerationService) -> gr.Blocks:
                     with gr.Row():
                         seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed")
                         randomize = gr.Checkbox(label="Randomize seed", value=True, elem_id="randomize")
-                    steps = gr.Slider(1, limits.max_steps, value=defaults["steps"], step=1, label="Steps")
-                    guidance = gr.Slider(0, 20, value=defaults["guidance"], step=0.5, label="Guidance")
+                    steps = gr.Slider(
+                        1, limits.max_steps, value=defaults["steps"], step=1, label="Steps", elem_id="steps"
+                    )
+                    guidance = gr.Slider(
+                        0, 20, value=defaults["guidance"], step=0.5, label="Guidance", elem_id="guidance"
+                    )
                     top = max(multiple, min(limits.max_size, 1024))
                     width = gr.Slider(multiple, top, value=defaults["width"], step=multiple, label="Width")
                     height = gr.Slider(multiple, top, value=defaults["height"], step=multiple, label="Height")
@@ -156,7 +171,8 @@ def build_ui(service: GenerationService) -> gr.Blocks:
                     )
                     batch = gr.Slider(1, limits.max_batch, value=1, step=1, label="Batch size")
                     button = gr.Button("Generate", variant="primary", elem_id="generate")
-                    gr.Examples(EXAMPLE_PROMPTS, inputs=[prompt])
+                    gr.Examples(slot.example_prompts() or EXAMPLE_PROMPTS, inputs=[prompt], elem_id="examples")
+                    gr.Markdown(_defaults_text(slot, defaults), elem_id="defaults")
                 with gr.Column():
                     error = gr.Markdown(elem_id="error")
                     images = gr.Gallery(label=slot.name, elem_id="images", columns=2, height="auto")

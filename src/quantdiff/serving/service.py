@@ -30,12 +30,26 @@ from PIL import Image
 
 from quantdiff.errors import QuantDiffError
 from quantdiff.evaluation.metrics import psnr, ssim
+from quantdiff.evaluation.prompt_sets import EvaluationSet, read_evaluation_set
 from quantdiff.generate import describe_execution, load_any_pipeline, save_png, step_callback_kwargs
 from quantdiff.pipelines.loading import denoiser_of
 from quantdiff.quantize import quantization_info
+from quantdiff.serialization import is_quantized_folder, read_quantized_folder
 from quantdiff.serving.schedulers import DEFAULT, make_scheduler, scheduler_family
 
 ProgressCallback = Callable[[int, int], None]
+DEFAULT_STEPS = 20
+"""Steps of a request that gives none, for a model whose folder does not say (``prompts/evaluation.json``)."""
+
+
+def own_prompt_set(path: str | os.PathLike) -> EvaluationSet | None:
+    """The prompt set and settings a model carries (``prompts/evaluation.json``), ``None`` where it has none.
+
+    A quantized folder carries its base pipeline folder's: it is the same model, and its images are meant to
+    be compared with the floating-point ones at the same settings.
+    """
+    folder = read_quantized_folder(path).base_path if is_quantized_folder(path) else path
+    return read_evaluation_set(folder)
 
 
 class RequestError(QuantDiffError):
@@ -159,6 +173,7 @@ class ModelSlot:
         self.original_scheduler = copy.deepcopy(self.pipe.scheduler)
         self.lock = threading.Lock()
         self.call_parameters = inspect.signature(self.pipe.__call__).parameters
+        self.prompt_set = own_prompt_set(path)
 
     @property
     def name(self) -> str:
@@ -175,17 +190,32 @@ class ModelSlot:
         return vae_factor * 2 ** (len(config["block_out_channels"]) - 1)
 
     def defaults(self) -> dict[str, Any]:
-        """The values a request's ``None`` fields take."""
+        """The values a request's ``None`` fields take: steps and guidance from the model's own prompt set
+        where it gives them (the settings it is evaluated with), else 20 steps and the pipeline's guidance."""
         _, denoiser = denoiser_of(self.pipe)
         side = int(denoiser.config["sample_size"]) * int(getattr(self.pipe, "vae_scale_factor", 8))
         guidance = self.call_parameters.get("guidance_scale")
+        own = self.prompt_set
+        if own is not None and own.guidance is not None:
+            default_guidance = float(own.guidance)
+        else:
+            default_guidance = float(guidance.default) if guidance is not None else 5.0
         return {
-            "steps": 20,
-            "guidance": float(guidance.default) if guidance is not None else 5.0,
+            "steps": int(own.steps) if own is not None and own.steps is not None else DEFAULT_STEPS,
+            "guidance": default_guidance,
             "width": side,
             "height": side,
             "scheduler": DEFAULT,
         }
+
+    def example_prompts(self, count: int = 6) -> list[str] | None:
+        """Up to ``count`` prompts from the model's own prompt set (those it was trained on, before held-out
+        ones), or ``None`` when it carries none."""
+        if self.prompt_set is None:
+            return None
+        ordered = sorted(self.prompt_set.prompts, key=lambda prompt: prompt.heldout)  # stable: file order kept
+        unique = list(dict.fromkeys(prompt.text for prompt in ordered))
+        return unique[:count]
 
 
 class GenerationService:

@@ -21,6 +21,7 @@ class that has ``name``, ``decide(inputs, support, allow_inexact)`` and ``build(
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -72,6 +73,11 @@ class ConvGeometry:
             int(conv.groups),
         )
 
+    def is_pointwise(self, weight_shape: torch.Size) -> bool:
+        """A 1x1 convolution with stride 1, no padding and one group: a Linear over pixels."""
+        no_padding = self.padding in ("valid", "same") or all(p == 0 for p in self.padding)
+        return tuple(weight_shape[2:]) == (1, 1) and self.stride == (1, 1) and self.groups == 1 and no_padding
+
     def explicit_padding(self, kernel_size: tuple[int, ...]) -> tuple[int, int] | None:
         """Padding as two numbers (``"valid"`` / ``"same"`` resolved); None when it would be asymmetric."""
         if not isinstance(self.padding, str):
@@ -94,10 +100,13 @@ class KernelInputs:
         weight_shape: the float weight's shape ``(C_out, C_in / groups, ...)``.
         weight_scale: ``(C_out, G)`` or ``(1, 1)`` float32.
         activations: the input spec; ``None`` for weight-only layers.
-        input_scale, input_zero_point: the static input quantization (0-d); ``None`` when the input is
-            not quantized with one static scale.
+        input_scale, input_zero_point: the stored input quantization (0-d, or one per timestep group);
+            ``None`` for weight-only and dynamic inputs.
         conv: the convolution's geometry; ``None`` for a Linear.
-        per_call_input_scale: the input scale changes from call to call (per timestep group).
+        per_call_input_scale: the input scale changes from call to call (per timestep group, or dynamic per
+            tensor): the layer passes each call's ``(scale, zero_point)`` to the kernel.
+        input_split: the input is ``cat([a, b])`` along channels with one scale per part (``input_scale``
+            ``(2,)``); ``at`` is the number of channels of ``a``.
     """
 
     weight_q: Tensor
@@ -109,6 +118,7 @@ class KernelInputs:
     input_zero_point: Tensor | None
     conv: ConvGeometry | None
     per_call_input_scale: bool = False
+    input_split: int | None = None
 
     @property
     def c_out(self) -> int:
@@ -165,15 +175,19 @@ def backend_names() -> tuple[str, ...]:
 
 
 def shared_blockers(inputs: KernelInputs) -> list[str]:
-    """Reasons no int8 kernel of ours takes a layer: they all multiply one int8 input by int8 weights with
-    one scale per output channel."""
+    """Reasons no int8 kernel of ours takes a layer: they all multiply an int8 input by int8 weights with
+    one scale per output channel, and factor the input's scale out of each output."""
     blockers = []
-    if inputs.activations is None:
+    activations = inputs.activations
+    if activations is None:
         blockers.append("weight-only layer (inputs stay floating point: no int8 input for the kernel)")
-    elif inputs.activations.granularity != "tensor":
-        blockers.append(f"per-{inputs.activations.granularity} activations (the kernel takes one input scale)")
-    elif inputs.per_call_input_scale:
-        blockers.append("input scales change per call (timestep groups): the kernel is built for one scale")
+    elif (
+        activations.granularity == "token"
+        and inputs.conv is not None
+        and not inputs.conv.is_pointwise(inputs.weight_shape)
+    ):
+        size = "x".join(str(v) for v in inputs.weight_shape[2:])
+        blockers.append(f"per-pixel input scales do not factor out of a {size} convolution (only 1x1, stride 1)")
     if inputs.weights.granularity == "group":
         blockers.append(
             f"per-group weights (group{inputs.weights.group_size}): the kernel takes one scale per output channel"
@@ -199,10 +213,73 @@ def select_kernel(
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is unknown: use one of {', '.join(backend_names())}")
     chosen = BACKENDS[backend]
+    if inputs.input_split is not None:
+        return _select_split(chosen, inputs, support, allow_inexact)
     decision = chosen.decide(inputs, support, allow_inexact)
     if decision.path != "integer":
         return None, decision
     return chosen.build(inputs), decision
+
+
+def split_inputs(inputs: KernelInputs) -> tuple[KernelInputs, KernelInputs]:
+    """A layer whose input is ``cat([a, b])`` with one scale per part, as two layers: ``a`` times the weight's
+    first ``at`` input channels, ``b`` times the rest (their outputs add up to the layer's)."""
+    at, shape = inputs.input_split, inputs.weight_shape
+    taps = math.prod(shape[2:])  # K is channel-major: the first at * taps columns belong to a
+    weight = inputs.int8_weight()  # (C_out, K)
+    parts = []
+    for index, (start, stop, channels) in enumerate(((0, at * taps, at), (at * taps, weight.shape[1], shape[1] - at))):
+        parts.append(
+            dataclasses.replace(
+                inputs,
+                weight_q=weight[:, start:stop].contiguous(),
+                weights=dataclasses.replace(inputs.weights, bits=8) if inputs.weights.packed else inputs.weights,
+                weight_shape=torch.Size((shape[0], channels, *shape[2:])),
+                input_scale=inputs.input_scale[index],
+                input_zero_point=inputs.input_zero_point[index],
+                input_split=None,
+            )
+        )
+    return parts[0], parts[1]
+
+
+class SplitKernel:
+    """Two kernels on the two parts of a split input; the bias is added once."""
+
+    def __init__(self, first: Kernel, second: Kernel, at: int, channel_dim: int):
+        self.first, self.second, self.at, self.channel_dim = first, second, at, channel_dim
+        self.requirement = first.requirement
+
+    def accepts(self, x: Tensor) -> bool:
+        return self.first.accepts(x)
+
+    def dense_weight(self) -> Tensor:
+        return torch.cat([self.first.dense_weight(), self.second.dense_weight()], dim=1)  # (C_out, K)
+
+    @property
+    def nbytes(self) -> int:
+        return self.first.nbytes + self.second.nbytes
+
+    def __call__(self, x: Tensor, bias: Tensor | None, input_qparams: Any = None) -> Tensor:
+        a, b = x.split([self.at, x.shape[self.channel_dim] - self.at], dim=self.channel_dim)
+        return self.first(a.contiguous(), bias) + self.second(b.contiguous(), None)
+
+
+def _select_split(
+    backend: KernelBackend, inputs: KernelInputs, support: Any, allow_inexact: bool
+) -> tuple[Kernel | None, KernelDecision]:
+    parts = split_inputs(inputs)
+    decisions = [backend.decide(part, support, allow_inexact) for part in parts]
+    if any(decision.path != "integer" for decision in decisions):
+        reasons = "; ".join(d.reason.removeprefix("reference: ") for d in decisions if d.path != "integer")
+        return None, KernelDecision("reference", f"reference: {reasons}")
+    first = decisions[0]
+    reason = f"{first.reason}; input split at channel {inputs.input_split}, two kernels"
+    exact = all(decision.exact for decision in decisions)
+    kernel = SplitKernel(
+        backend.build(parts[0]), backend.build(parts[1]), inputs.input_split, -1 if inputs.conv is None else -3
+    )
+    return kernel, KernelDecision("integer", reason, exact, inputs.weights.packed)
 
 
 from quantdiff.nn.kernels.int_mm import Int8MatmulKernel, IntMMBackend  # noqa: E402

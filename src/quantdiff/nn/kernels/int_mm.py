@@ -36,16 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from quantdiff.nn.kernels import ConvGeometry, KernelDecision, KernelInputs, shared_blockers
+from quantdiff.nn.kernels import KernelDecision, KernelInputs, shared_blockers
+from quantdiff.primitives import compute_qparams
 
 __all__ = ["Int8MatmulKernel", "IntMMBackend"]
 
 _MIN_ROWS = 17  # cuBLAS int8 GEMM wants more than 16 rows
-
-
-def _is_pointwise_conv(conv: ConvGeometry, weight_shape: torch.Size) -> bool:
-    no_padding = conv.padding in ("valid", "same") or all(p == 0 for p in conv.padding)
-    return tuple(weight_shape[2:]) == (1, 1) and conv.stride == (1, 1) and conv.groups == 1 and no_padding
 
 
 class IntMMBackend:
@@ -57,7 +53,7 @@ class IntMMBackend:
         """Whether the layer can run on ``torch._int_mm``, and why (not); ``support`` is the CPU's (unused)."""
         blockers = shared_blockers(inputs)
         shape = inputs.weight_shape
-        if inputs.conv is not None and not _is_pointwise_conv(inputs.conv, shape):
+        if inputs.conv is not None and not inputs.conv.is_pointwise(shape):
             size = "x".join(str(v) for v in shape[2:])
             blockers.append(f"{size} convolution (the int8 GEMM path takes 1x1 convolutions only)")
         if inputs.reduction_size % 8 or inputs.c_out % 8:
@@ -90,18 +86,21 @@ class Int8MatmulKernel:
         self.device = w.device
         self.weight_t = w.t().contiguous()  # (K, C_out): the GEMM's second operand, contiguous
         self.is_conv = inputs.conv is not None
-        self.x_scale = float(inputs.input_scale)  # Python numbers: .item() in forward would break compiled graphs
-        zero_point = int(inputs.input_zero_point)
+        self.per_token = activations.granularity == "token"
+        self.bits, self.symmetric = activations.bits, activations.symmetric
         if activations.symmetric:  # signed q in [-2^(b-1), 2^(b-1) - 1], zero point 0
             self.q_low, self.q_high, self.shift = -(1 << (activations.bits - 1)), (1 << (activations.bits - 1)) - 1, 0
         else:  # unsigned q in [0, 2^b - 1], shifted by 128 into int8
             self.q_low, self.q_high, self.shift = 0, (1 << activations.bits) - 1, 128
-        self.x_zp = zero_point
-        shifted_zp = zero_point - self.shift  # z' of the int8 input
-        row_sums = w.sum(dim=1, dtype=torch.int32)  # (C_out,)
-        self.compensation = shifted_zp * row_sums  # (C_out,) int32: z' * sum_k W[c, k], |.| < 2^31 for K < 130k
-        w_scale = inputs.weight_scale.reshape(-1).to(torch.float32).expand(c_out)
-        self.out_scale = (self.x_scale * w_scale).contiguous()  # (C_out,)
+        self.row_sums = w.sum(dim=1, dtype=torch.int32)  # (C_out,)
+        self.w_scale = inputs.weight_scale.reshape(-1).to(torch.float32).expand(c_out).contiguous()  # (C_out,)
+        # Static inputs: Python numbers (.item() in forward would break compiled graphs) and the folded
+        # epilogue; per-call and per-token inputs compute theirs in the call.
+        static = inputs.input_scale is not None and inputs.input_scale.dim() == 0
+        self.x_scale = float(inputs.input_scale) if static else 1.0
+        self.x_zp = int(inputs.input_zero_point) if static else 0
+        self.compensation = (self.x_zp - self.shift) * self.row_sums  # (C_out,) int32: z' * sum_k W[c, k]
+        self.out_scale = (self.x_scale * self.w_scale).contiguous()  # (C_out,)
 
     def dense_weight(self) -> Tensor:
         """The int8 weight ``(C_out, K)`` (equals the widened ``weight_q``)."""
@@ -121,29 +120,41 @@ class Int8MatmulKernel:
             and not (x.requires_grad and torch.is_grad_enabled())
         )
 
-    def quantize(self, x: Tensor) -> Tensor:
+    def quantize(self, x: Tensor, x_scale: float | Tensor | None = None, x_zp: int | Tensor | None = None) -> Tensor:
         """int8 input ``q - shift``, with ``q`` bit-identical to ``primitives.quantize`` of the fp32 input."""
-        q = torch.clamp(torch.round(x.float() / self.x_scale) + self.x_zp, self.q_low, self.q_high)
+        x_scale = self.x_scale if x_scale is None else x_scale
+        x_zp = self.x_zp if x_zp is None else x_zp
+        q = torch.clamp(torch.round(x.float() / x_scale) + x_zp, self.q_low, self.q_high)
         return (q - self.shift).to(torch.int8)
 
-    def _matmul(self, x2d: Tensor, bias: Tensor | None) -> Tensor:
+    def _matmul(self, x2d: Tensor, bias: Tensor | None, input_qparams: tuple[float, int] | None) -> Tensor:
         """``(M, K)`` floating -> ``(M, C_out)`` float32."""
         rows = x2d.shape[0]
-        q = self.quantize(x2d)  # (M, K) int8
+        if self.per_token:  # a scale and zero point per row, from the row's own range
+            low, high = x2d.float().amin(dim=1, keepdim=True), x2d.float().amax(dim=1, keepdim=True)  # (M, 1)
+            x_scale, x_zp = compute_qparams(low, high, self.bits, self.symmetric)  # (M, 1), (M, 1)
+            compensation = (x_zp - self.shift) * self.row_sums  # (M, C_out) int32
+            out_scale = x_scale * self.w_scale  # (M, C_out)
+        elif input_qparams is not None:
+            x_scale, x_zp = input_qparams
+            compensation, out_scale = (x_zp - self.shift) * self.row_sums, x_scale * self.w_scale
+        else:
+            x_scale, x_zp, compensation, out_scale = self.x_scale, self.x_zp, self.compensation, self.out_scale
+        q = self.quantize(x2d, x_scale, x_zp)  # (M, K) int8
         if rows < _MIN_ROWS:
             q = F.pad(q, (0, 0, 0, _MIN_ROWS - rows))  # zero rows, dropped below
         acc = torch._int_mm(q, self.weight_t)[:rows]  # (M, C_out) int32, exact
-        y = (acc - self.compensation).to(torch.float32) * self.out_scale  # exact integers, one rounding
+        y = (acc - compensation).to(torch.float32) * out_scale  # exact integers, one rounding
         return y if bias is None else y + bias.to(torch.float32)
 
-    def __call__(self, x: Tensor, bias: Tensor | None) -> Tensor:
+    def __call__(self, x: Tensor, bias: Tensor | None, input_qparams: tuple[float, int] | None = None) -> Tensor:
         if not self.is_conv:  # (..., K) -> (..., C_out)
-            y = self._matmul(x.reshape(-1, x.shape[-1]), bias)
+            y = self._matmul(x.reshape(-1, x.shape[-1]), bias, input_qparams)
             return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
         unbatched = x.dim() == 3  # nn.Conv2d accepts (C, H, W)
         x4 = x.unsqueeze(0) if unbatched else x  # (N, C_in, H, W)
         n, _, h, w = x4.shape
         pixels = x4.permute(0, 2, 3, 1).reshape(n * h * w, -1)  # (N*H*W, C_in)
-        y = self._matmul(pixels, bias).reshape(n, h, w, -1).permute(0, 3, 1, 2)  # (N, C_out, H, W)
+        y = self._matmul(pixels, bias, input_qparams).reshape(n, h, w, -1).permute(0, 3, 1, 2)  # (N, C_out, H, W)
         y = y.contiguous().to(x.dtype)
         return y.squeeze(0) if unbatched else y

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from quantdiff.nn.kernels import KernelDecision, KernelInputs, shared_blockers
-from quantdiff.primitives import pair_sums
+from quantdiff.primitives import SCALE_EPS, pair_sums
 
 __all__ = ["IntegerKernel", "KernelSupport", "OneDNNBackend", "kernel_support"]
 
@@ -74,6 +74,8 @@ class KernelSupport:
         saturates: int16 pair sums can saturate, so only pair-safe weights are exact. True without
             VNNI, or whenever the worst-case probe saturated (whatever the flags say).
         probe: what the worst-case probe measured, for reports.
+        per_call_scales: the conv kernel honours an input scale and zero point given at call time (other
+            than those it was packed with), so per-call scales (timestep groups, dynamic) can run on it.
     """
 
     available: bool
@@ -82,6 +84,7 @@ class KernelSupport:
     vnni: bool
     saturates: bool
     probe: str
+    per_call_scales: bool = True
 
     def describe(self) -> str:
         if not self.available:
@@ -160,6 +163,9 @@ def kernel_support() -> KernelSupport:
         expected = torch.nn.functional.conv2d(xc.double() - 3, wc.double(), None, 1, 1)
         if not torch.equal(yc.double(), expected):
             return KernelSupport(False, "qconv_pointwise gave wrong results", capability, vnni, True, "failed")
+        # The same packed weight called with another input zero point than it was packed with.
+        other = _qconv(xc, 1.0, 5, packed, torch.ones(8), torch.zeros(8, dtype=torch.int64), None, conv)
+        per_call = torch.equal(other.double(), torch.nn.functional.conv2d(xc.double() - 5, wc.double(), None, 1, 1))
         # Worst case: each pair of products is 2 * 255 * 127 = 64770 > 32767.
         worst = torch.ops.onednn.qlinear_prepack(torch.full((64, 64), 127, dtype=torch.int8), None)
         y = _qlinear(torch.full((64, 64), 255, dtype=torch.uint8), 1.0, 0, worst, torch.ones(64), zeros64, None)
@@ -168,7 +174,7 @@ def kernel_support() -> KernelSupport:
     exact_value, got = 64 * 255 * 127, float(y[0, 0])
     probe_saturated = got != exact_value
     probe = f"worst-case pair sums: {got:.0f} (exact {exact_value})"
-    return KernelSupport(True, "", capability, vnni, (not vnni) or probe_saturated, probe)
+    return KernelSupport(True, "", capability, vnni, (not vnni) or probe_saturated, probe, per_call)
 
 
 class OneDNNBackend:
@@ -189,6 +195,11 @@ class OneDNNBackend:
         if inputs.weight_q.device.type != "cpu":
             blockers.append(f"weights on {inputs.weight_q.device} (the oneDNN kernels are CPU only)")
         blockers += shared_blockers(inputs)
+        activations = inputs.activations
+        if activations is not None and activations.granularity == "token" and not activations.symmetric:
+            blockers.append("asymmetric per-token inputs (the kernel takes one zero point per call)")
+        if inputs.conv is not None and inputs.per_call_input_scale and not support.per_call_scales:
+            blockers.append("per-call input scales: this CPU's conv kernel keeps the scale it was packed with")
         if inputs.conv is not None and _conv_args(inputs) is None:
             blockers.append(f"padding={inputs.conv.padding!r} would be asymmetric")
         if blockers:
@@ -200,7 +211,6 @@ class OneDNNBackend:
         q = inputs.int8_weight()  # (C_out, K)
         shape = inputs.weight_shape
         worst = int(pair_sums(q.reshape(shape[0], shape[1], -1)).max()) if q.numel() else 0
-        activations = inputs.activations
         x_max = 255 if activations.symmetric else (1 << activations.bits) - 1  # largest uint8 input value
         if x_max * worst <= INT16_MAX:
             safe = "pair-safe weights" if inputs.weights.pair_safe else f"pairs within int16 (worst pair sum {worst})"
@@ -220,6 +230,11 @@ class OneDNNBackend:
 class IntegerKernel:
     """One layer's prepacked oneDNN weight and the scalars the kernel call takes.
 
+    Input scales come in three kinds: static (calibrated, held here as Python numbers), per call (the
+    layer passes ``(scale, zero_point)``: a timestep group's, or a dynamic per-tensor one) and per token
+    (symmetric dynamic: the kernel runs with scale 1 and zero point 128, and multiplies each output token /
+    pixel by its input's scale, exact because a symmetric scale factors out of the sum).
+
     A plain object, not a module: nothing here is a parameter or buffer, so it is never saved, never moved
     by ``.to()``, and is rebuilt from the layer's buffers (:meth:`OneDNNBackend.build`) when they change.
     """
@@ -227,26 +242,35 @@ class IntegerKernel:
     def __init__(self, inputs: KernelInputs):
         activations = inputs.activations
         c_out = inputs.c_out
-        # Python numbers, as the op schema wants (and .item() in forward would break torch.compile graphs).
-        self.x_scale = float(inputs.input_scale)
+        self.bits, self.symmetric = activations.bits, activations.symmetric
+        self.per_token = activations.granularity == "token"
+        self.q_max = (1 << (activations.bits - 1)) - 1  # largest signed value of symmetric inputs
         if activations.symmetric:  # signed q in [-2^(b-1), 2^(b-1)-1] is u8 q + 128 with zero point 128
-            self.x_zp = int(inputs.input_zero_point) + 128
             self.q_low, self.q_high = 128 - (1 << (activations.bits - 1)), 127 + (1 << (activations.bits - 1))
         else:
-            self.x_zp = int(inputs.input_zero_point)
             self.q_low, self.q_high = 0, (1 << activations.bits) - 1
+        # Python numbers, as the op schema wants (and .item() in forward would break torch.compile graphs).
+        # Per-call and per-token kernels are packed with a placeholder: the call's own numbers are used.
+        static = inputs.input_scale is not None and inputs.input_scale.dim() == 0
+        scale, zero_point = (float(inputs.input_scale), int(inputs.input_zero_point)) if static else (1.0, 0)
+        self.x_scale, self.x_zp = self.affine(scale, zero_point)
         self.w_scale = inputs.weight_scale.reshape(-1).float().expand(c_out).contiguous()  # (C_out,)
         self.w_zp = torch.zeros(c_out, dtype=torch.int64)
         q = inputs.int8_weight().reshape(inputs.weight_shape)  # (C_out, K) or (C_out, C_in/g, kh, kw)
         self.is_conv = inputs.conv is not None
         if self.is_conv:
             self.conv_args = _conv_args(inputs)
-            # x_shape None: any input size. The scales go in because oneDNN precomputes zero-point terms.
+            # x_shape None: any input size. The scales go in because oneDNN precomputes zero-point terms; the
+            # call's scale and zero point are honoured (kernel_support checks it: per_call_scales).
             self.packed = torch.ops.onednn.qconv_prepack(
                 q, self.w_scale, self.x_scale, self.x_zp, *self.conv_args, None
             )
         else:
             self.packed = torch.ops.onednn.qlinear_prepack(q.contiguous(), None)
+
+    def affine(self, scale: float, zero_point: int) -> tuple[float, int]:
+        """A layer's (scale, zero point) as the kernel takes them: uint8, so symmetric inputs shift by 128."""
+        return scale, zero_point + 128 if self.symmetric else zero_point
 
     def dense_weight(self) -> Tensor:
         """The int8 weight ``(C_out, K)`` read back from the packed copy (equals the widened ``weight_q``).
@@ -279,27 +303,60 @@ class IntegerKernel:
             and not (x.requires_grad and torch.is_grad_enabled())
         )
 
-    def quantize(self, x: Tensor) -> Tensor:
+    def quantize(self, x: Tensor, x_scale: float | Tensor | None = None, x_zp: int | None = None) -> Tensor:
         """uint8 input, bit-identical to ``primitives.quantize`` (shifted by 128 for symmetric inputs).
 
-        Not ``torch.quantize_per_tensor``: it multiplies by ``1 / scale``, so a few values round the other
-        way (65-90 dB instead of exact), and the flips compound through a whole model.
+        ``x_scale`` may be a tensor that broadcasts over ``x`` (per-token scales). Not
+        ``torch.quantize_per_tensor``: it multiplies by ``1 / scale``, so a few values round the other way
+        (65-90 dB instead of exact), and the flips compound through a whole model.
         """
+        x_scale = self.x_scale if x_scale is None else x_scale
+        x_zp = self.x_zp if x_zp is None else x_zp
         if torch.compiler.is_compiling():  # plain ATen ops fuse into the kernel that produces x
-            return torch.clamp(torch.round(x / self.x_scale) + self.x_zp, self.q_low, self.q_high).to(torch.uint8)
-        y = x / self.x_scale  # one temporary, then in place: 1.3-2.6x faster than the functional form
-        y.round_().add_(self.x_zp).clamp_(self.q_low, self.q_high)
+            return torch.clamp(torch.round(x / x_scale) + x_zp, self.q_low, self.q_high).to(torch.uint8)
+        y = x / x_scale  # one temporary, then in place: 1.3-2.6x faster than the functional form
+        y.round_().add_(x_zp).clamp_(self.q_low, self.q_high)
         return y.to(torch.uint8)
 
-    def __call__(self, x: Tensor, bias: Tensor | None) -> Tensor:
+    def token_scales(self, x: Tensor, channel: int) -> Tensor:
+        """Symmetric per-token (per-pixel) scales of ``x``, bit-identical to ``compute_qparams`` of its
+        per-token min / max: ``max|x| / q_max`` along the channel dimension, kept for broadcasting."""
+        return (x.abs().amax(dim=channel, keepdim=True) / self.q_max).clamp_min(SCALE_EPS)
+
+    def __call__(self, x: Tensor, bias: Tensor | None, input_qparams: tuple[float, int] | None = None) -> Tensor:
         if bias is not None and bias.dtype != torch.float32:
             bias = bias.float()
+        x_scale, x_zp = self.x_scale, self.x_zp
+        if input_qparams is not None:
+            x_scale, x_zp = self.affine(*input_qparams)
         if not self.is_conv:  # (..., K) -> (..., C_out): the op takes any leading dims
-            q = self.quantize(x).contiguous()  # (..., K) uint8
-            return _qlinear(q, self.x_scale, self.x_zp, self.packed, self.w_scale, self.w_zp, bias)
+            if self.per_token:
+                scale = self.token_scales(x, -1)  # (..., 1)
+                q = self.quantize(x, scale).contiguous()  # (..., K) uint8
+                y = _qlinear(q, 1.0, self.x_zp, self.packed, self.w_scale, self.w_zp, None)  # w_s * sum(q w)
+                y = y.mul_(scale)
+                return y if bias is None else y.add_(bias)
+            q = self.quantize(x, x_scale, x_zp).contiguous()  # (..., K) uint8
+            return _qlinear(q, x_scale, x_zp, self.packed, self.w_scale, self.w_zp, bias)
         unbatched = x.dim() == 3  # nn.Conv2d accepts (C, H, W)
-        q = self.quantize(x.unsqueeze(0) if unbatched else x)  # (N, C_in, H, W) uint8
-        y = _qconv(q, self.x_scale, self.x_zp, self.packed, self.w_scale, self.w_zp, bias, self.conv_args)
+        x4 = x.unsqueeze(0) if unbatched else x  # (N, C_in, H, W)
+        if self.per_token:  # a 1x1 convolution: per-pixel scales factor out like per-token ones
+            scale = self.token_scales(x4, 1)  # (N, 1, H, W)
+            y = _qconv(
+                self.quantize(x4, scale), 1.0, self.x_zp, self.packed, self.w_scale, self.w_zp, None, self.conv_args
+            )
+            y = y.mul_(scale) if bias is None else y.mul_(scale).add_(bias[:, None, None])
+        else:
+            y = _qconv(
+                self.quantize(x4, x_scale, x_zp),
+                x_scale,
+                x_zp,
+                self.packed,
+                self.w_scale,
+                self.w_zp,
+                bias,
+                self.conv_args,
+            )
         if not x.is_contiguous(memory_format=torch.channels_last):
             y = y.contiguous()  # as nn.Conv2d: NCHW in, NCHW out (callers may .view() the result)
         return y.squeeze(0) if unbatched else y
