@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from kernel_check import KERNELS_EXPECTED
 from torch import nn
 
 from quantdiff.algorithms.shortcut_split import ShortcutSplit
@@ -21,7 +22,7 @@ from quantdiff.algorithms.smoothquant import (
 from quantdiff.algorithms.timestep_groups import TimestepGroups, group_edges
 from quantdiff.calibration.taps import Taps
 from quantdiff.errors import CalibrationError, RecipeError
-from quantdiff.nn import QuantizedLayer, kernel_support, use_integer_kernels, use_reference
+from quantdiff.nn import QuantizedLayer, use_integer_kernels, use_reference
 from quantdiff.pipelines.architectures import architecture_of, concat_split_points, norm_feeds_of
 from quantdiff.pipelines.loading import denoiser_of, load_pipeline
 from quantdiff.primitives import sqnr_db
@@ -29,7 +30,6 @@ from quantdiff.quantize import quantize_denoiser
 from quantdiff.recipe import PRESETS, Recipe, TensorSpec
 from quantdiff.serialization import load_quantized_denoiser, save_quantized
 
-SUPPORT = kernel_support()
 W8_INT = PRESETS["w8a8-int"].weights  # pair-safe: the int8 kernel is exact on every x86 CPU
 A8 = TensorSpec(8, False, "tensor")
 A4 = TensorSpec(4, False, "tensor")
@@ -143,7 +143,7 @@ def test_smoothquant_folds_where_it_can_and_saves_what_it_cannot(arch, tiny_fold
     balanced_db = sum(sqnr_db(r, o) for r, o in zip(fp, outputs, strict=True)) / len(fp)
     naive_db = sum(sqnr_db(r, o) for r, o in zip(fp, naive, strict=True)) / len(fp)
     assert balanced_db > naive_db + 1  # measured: sd15 21.0 vs 17.5 dB, sd3 53.6 vs 51.9 dB at W8A6
-    if SUPPORT.available:
+    if KERNELS_EXPECTED:
         _assert_layers_match_on_the_integer_path(loaded, sorted(pre_scaled), held_out)
 
 
@@ -162,7 +162,7 @@ def test_timestep_groups_observe_and_use_one_scale_per_group(tiny_folders, calib
     loaded = load_quantized_denoiser(tmp_path / "q")  # the loader attaches the step clock
     for a, b in zip(outputs, _outputs(loaded, held_out), strict=True):
         assert torch.equal(a, b)
-    if SUPPORT.available:
+    if KERNELS_EXPECTED:
         grouped = [name for name, m in loaded.named_modules() if isinstance(m, QuantizedLayer) and m.extras]
         _assert_layers_match_on_the_integer_path(loaded, grouped, held_out)
     with pytest.raises(CalibrationError, match="8 timestep groups need at least 8 distinct timesteps"):
@@ -182,7 +182,7 @@ def test_shortcut_split_gives_the_two_parts_their_own_scales(tiny_folders, calib
     loaded = load_quantized_denoiser(tmp_path / "q")
     for a, b in zip(outputs, _outputs(loaded, held_out), strict=True):
         assert torch.equal(a, b)
-    if SUPPORT.available:
+    if KERNELS_EXPECTED:
         summary = use_integer_kernels(loaded, attention="float32")
         split_paths = {layer.name: layer for layer in summary.layers if layer.name in splits}
         assert all(layer.path == "integer" and "two kernels" in layer.reason for layer in split_paths.values())

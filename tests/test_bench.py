@@ -14,12 +14,12 @@ import sys
 
 import pytest
 import torch
+from kernel_check import KERNELS_EXPECTED, SUPPORT
 from kernel_layout import packed_int8_bounds
 
 from quantdiff import bench
 from quantdiff.cli import main
 from quantdiff.errors import QuantDiffError
-from quantdiff.nn import kernel_support
 
 ROW_FIELDS = {
     "model",
@@ -106,14 +106,20 @@ def test_quantdiff_rows_report_path_and_int8_bytes(result):
     rows = {row.method: row for row in outcome.rows}
     w8a8, w8a16 = rows["qd-w8a8"], rows["qd-w8a16"]
     assert w8a8.status == "ok" and w8a16.status == "ok"
-    assert 5 < w8a8.sqnr_db < 80 and 5 < w8a16.sqnr_db < 80
+    # each SQNR and weight count recomputed here, on a model quantized the same way from the same inputs
+    recomputed = _recomputed(outcome.settings)
+    for row in (w8a8, w8a16):
+        assert row.sqnr_db == pytest.approx(recomputed[row.method]["sqnr_db"], abs=0.01), row.method
+        assert row.weight_bytes == recomputed[row.method]["weight_bytes"], row.method
+    assert w8a8.weight_bytes == pytest.approx(w8a8.weight_ratio_vs_fp32 * recomputed["fp32_bytes"], rel=1e-9)
+    assert w8a16.weight_bytes == pytest.approx(w8a16.weight_ratio_vs_fp32 * recomputed["fp32_bytes"], rel=1e-9)
     assert w8a16.quantized_layers == w8a8.quantized_layers
     quantized_fp32_bytes = 4 * w8a16.stored_bytes  # int8 weight_q: one byte per weight of the quantized layers
-    if kernel_support().available:
+    if KERNELS_EXPECTED:
         assert w8a8.path == "integer" and w8a8.integer_layers == w8a8.quantized_layers > 0
         # integer mode holds the prepacked copy *instead of* weight_q: 1 byte per weight (+ oneDNN's blocking)
         assert w8a8.stored_bytes == 0
-        saturates = kernel_support().saturates
+        saturates = SUPPORT.saturates
         most = sum(  # over every Linear / Conv2d, the few the plan keeps in fp32 included
             packed_int8_bounds(m.weight.shape[0], m.weight[0].numel(), saturates)[1]
             for m in bench.build_denoiser(bench.DENOISERS["tiny-sd15"]).modules()
@@ -128,6 +134,46 @@ def test_quantdiff_rows_report_path_and_int8_bytes(result):
     assert "weight-only" in w8a16.path_detail and w8a16.kernel_bytes == 0
     assert 0.25 < w8a16.weight_ratio_vs_fp32 < 0.35
     assert rows["ao-dynamic"].status == "ok" and rows["ao-dynamic"].path == "torch.ao dynamic"
+
+
+def _recomputed(settings) -> dict:
+    """fp32 bytes, and per quantdiff row the SQNR vs fp32 and the bytes held, recomputed from scratch: the
+    same denoiser, evaluation input and calibration set, quantized with the same recipe, bytes counted per
+    tensor from the layers themselves (the kernel's packed copy in place of weight_q in integer mode)."""
+    import copy
+
+    from quantdiff.bench.builds import call_denoiser, integer_w8a8_recipe
+    from quantdiff.nn import QuantizedLayer, use_integer_kernels
+    from quantdiff.primitives import sqnr_db
+    from quantdiff.quantize import quantize_denoiser
+    from quantdiff.recipe import PRESETS
+
+    spec, latent = bench.DENOISERS["tiny-sd15"], 16
+    reference = bench.build_denoiser(spec, settings.seed)
+    inputs = bench.denoiser_inputs(
+        spec, latent, settings.batch, bench.EVAL_TIMESTEP, settings.seed + bench.EVAL_SEED_OFFSET
+    )
+    calibration = bench.bench_calibration(
+        spec, reference, latent, settings.batch, settings.calibration_inputs, settings.seed
+    )
+    with torch.no_grad():
+        y_ref = call_denoiser(reference, inputs)
+    tensors = [*reference.parameters(), *reference.buffers()]
+    out = {"fp32_bytes": sum(t.numel() * t.element_size() for t in tensors)}
+    for method, recipe in (("qd-w8a8", integer_w8a8_recipe()), ("qd-w8a16", PRESETS["w8a16"])):
+        model = copy.deepcopy(reference)
+        quantize_denoiser(model, recipe, calibration, progress=False)
+        use_integer_kernels(model)
+        with torch.no_grad():
+            y = call_denoiser(model, inputs)
+        held = 0
+        for module in model.modules():
+            own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+            held += sum(t.numel() * t.element_size() for t in own if t is not None)
+            if isinstance(module, QuantizedLayer):
+                held += module.kernel_bytes
+        out[method] = {"sqnr_db": sqnr_db(y_ref, y), "weight_bytes": held}
+    return out
 
 
 def test_missing_peer_is_a_row(result):
@@ -302,3 +348,65 @@ def test_onnx_runtime_peer_exports_quantizes_and_runs():
     assert 0.25 < ort.weight_bytes / fp32.weight_bytes < 0.75
     print(f"ort-qdq on tiny-sd15: SQNR {ort.sqnr_db:.1f} dB, {ort.weight_bytes / fp32.weight_bytes:.3f}x fp32 bytes")
     assert ort.sqnr_db > 10.0
+
+
+def test_slow_cutoff_times_a_slow_method_once():
+    """A cutoff just above 1x: a method slower than fp32 eager in the first timed round is timed in that round
+    only, with a note giving its measured ratio; one at most as slow gets every round. The int4 reference path
+    (unpack and dequantize every weight on every call) is the slow one at any size."""
+    from quantdiff.bench.runner import measure_case
+
+    cutoff = 1.000001
+    methods = ["qd-w4a16", "qd-w8a16"]
+    settings = bench.make_settings(
+        models=["tiny-sd15"], methods=methods, repeats=3, calibration_inputs=1, slow_cutoff=cutoff
+    )
+    rows, case = measure_case("tiny-sd15", 8, settings)
+    fp32, *others = rows
+    assert case["groups"] == 1 and len(fp32.times_s) == 3 and sorted(row.method for row in others) == sorted(methods)
+    anchor = fp32.times_s[0]  # fp32 eager in the first timed round (one group)
+    retired = 0
+    for row in others:
+        assert row.status == "ok", row.reason
+        notes = [n for n in row.notes if n.startswith("timed in one round only")]
+        if row.times_s[0] > cutoff * anchor:
+            retired += 1
+            assert len(row.times_s) == 1 and row.median_s == row.times_s[0], row.method
+            (note,) = notes
+            ratio = float(note.split(": ")[1].split("x ")[0])
+            assert ratio == pytest.approx(row.times_s[0] / anchor, abs=0.051)
+            assert note.endswith("above the slow cutoff (1x); more rounds would not change its place")
+        else:
+            assert len(row.times_s) == 3 and not notes, row.method
+    assert retired >= 1, [(row.method, row.times_s, anchor) for row in others]
+
+    kept = bench.make_settings(models=["tiny-sd15"], methods=methods, repeats=3, calibration_inputs=1, slow_cutoff=None)
+    rows, _ = measure_case("tiny-sd15", 8, kept)
+    assert all(len(row.times_s) == 3 for row in rows) and not any(
+        "timed in one round" in n for r in rows for n in r.notes
+    )
+
+
+def test_memory_budget_decides_what_is_built_and_grouped():
+    """No group size: a budget the process already exceeds skips every method with the reason (fp32 is still
+    timed, alone, in one group); an ample budget puts every method in one group."""
+    from quantdiff.bench.runner import measure_case
+
+    methods = ["qd-w8a8", "qd-w8a16", "ao-dynamic"]
+    tight = bench.make_settings(
+        models=["tiny-sd15"], methods=methods, repeats=1, calibration_inputs=1, group_size=0, memory_budget_bytes=1
+    )
+    assert tight.group_size is None and tight.memory_budget_bytes == 1
+    rows, case = measure_case("tiny-sd15", 8, tight)
+    assert case["budget_bytes"] == 1 and case["groups"] == 1
+    assert rows[0].method == "fp32" and rows[0].status == "ok" and len(rows[0].times_s) == 1
+    for row in rows[1:]:
+        assert row.status == "skipped" and row.median_s is None, row
+        assert "budget 0.0 GiB" in row.reason and "set a larger --memory-budget or fewer methods" in row.reason
+
+    ample = bench.make_settings(
+        models=["tiny-sd15"], methods=methods, repeats=1, calibration_inputs=1, group_size=0, memory_budget_bytes=2**50
+    )
+    rows, case = measure_case("tiny-sd15", 8, ample)
+    assert case["groups"] == 1 and all(row.status == "ok" for row in rows), [(r.method, r.reason) for r in rows]
+    assert {row.method: row.group for row in rows} == {"fp32": None, "qd-w8a8": 0, "qd-w8a16": 0, "ao-dynamic": 0}

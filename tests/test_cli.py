@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from quantdiff.cli import main
+from quantdiff.recipe import PRESETS
 
 
 def _no_output(parent, name):
@@ -93,36 +94,51 @@ def test_calibrate_quantize_generate_inspect(tiny_folders, tmp_path, capsys):
     assert totals["stored_bytes"] == (tmp_path / "q" / "unet" / "quantized.safetensors").stat().st_size - _header(
         tmp_path / "q"
     )
-    assert totals["fp32_bytes"] == 4 * totals["params"] and 0.2 < totals["ratio_vs_fp32"] < 0.35
+    # recomputed from the float UNet: a quantized layer stores 1 byte per weight, an fp32 scale per output
+    # channel, its fp32 bias and a static input scale and zero point; everything else stays fp32
+    from quantdiff.pipelines.loading import load_pipeline
+
+    unet = load_pipeline(model).unet
+    params = sum(p.numel() for p in unet.parameters())
+    planned = {layer["name"] for layer in report["layers"] if layer["weights"] is not None}
+    quantized = [m for name, m in unet.named_modules() if name in planned]
+    assert len(quantized) == 177
+    expected = 4 * params - sum(3 * m.weight.numel() - 4 * m.weight.shape[0] for m in quantized)
+    assert totals["params"] == params and totals["fp32_bytes"] == 4 * params
+    assert expected <= totals["stored_bytes"] <= expected + 8 * len(quantized)  # + input scale and zero point
+    assert totals["ratio_vs_fp32"] == pytest.approx(totals["stored_bytes"] / (4 * params), rel=1e-12)
 
 
 def test_generate_runs_int8_kernels_by_default_and_agrees_with_the_reference_path(tiny_folders, tmp_path, capsys):
     import numpy as np
+    from kernel_check import KERNELS_EXPECTED
 
     from quantdiff.evaluation.metrics import psnr
-    from quantdiff.nn import kernel_support
 
     model, out = tiny_folders["sd15"], tmp_path / "q"
     calibration = ["--num-prompts", "2", "--steps", "3", "--num-timesteps", "2", "--mode", "noise"]
     assert main(["--quiet", "quantize", model, "--recipe", "w8a8-int", *calibration, "--out", str(out)]) == 0
     capsys.readouterr()
     images = {}
-    for execution in ("integer", "reference"):
+    for execution in ("auto", "integer", "reference"):
         args = ["generate", str(out), "--prompt", "a cat", "--steps", "3", "--out", str(tmp_path / f"{execution}.png")]
-        assert main([*args, *(["--execution", "reference"] if execution == "reference" else [])]) == 0
+        assert main([*args, *(["--execution", execution] if execution != "auto" else [])]) == 0  # auto: default
         err = capsys.readouterr().err
         images[execution] = np.asarray(Image.open(tmp_path / f"{execution}.png"))
         if execution == "reference":
             assert "reference (fake-quant) execution" in err
-        elif kernel_support().available:  # pair-safe weights: every layer takes the kernel on any x86 CPU
+        elif execution == "auto":  # each layer on the kernel or the float path, whichever was faster here
+            assert "auto execution: " in err and " of 177 quantized layers on int8 kernels" in err
+        elif KERNELS_EXPECTED:  # pair-safe weights: every layer takes the kernel on any x86 CPU
             assert "integer execution: 177 of 177 quantized layers on int8 kernels" in err
-    quality = psnr(images["integer"], images["reference"])
-    print(f"tiny sd15, 3 steps: integer vs reference image PSNR {quality:.1f} dB")
-    assert quality >= 30  # the quality measured in simulation is what the deployed path gives
+    for execution in ("auto", "integer"):
+        quality = psnr(images[execution], images["reference"])
+        print(f"tiny sd15, 3 steps: {execution} vs reference image PSNR {quality:.1f} dB")
+        assert quality >= 30  # the quality measured in simulation is what the deployed path gives
     from quantdiff.errors import QuantDiffError
     from quantdiff.generate import load_any_pipeline
 
-    with pytest.raises(QuantDiffError, match="execution 'fast' is unknown: use one of integer, reference"):
+    with pytest.raises(QuantDiffError, match="execution 'fast' is unknown: use one of auto, integer, reference"):
         load_any_pipeline(out, execution="fast")
 
 
@@ -229,7 +245,7 @@ def test_not_a_pipeline(not_a_pipeline, tmp_path, capsys):
 
 def test_unknown_recipe(tiny_folders, tmp_path, capsys):
     err = _run_failing(["quantize", tiny_folders["sd15"], "--recipe", "w3a7", "--out", str(tmp_path / "q")], capsys)
-    assert "unknown recipe 'w3a7': use a preset (w8a8, w8a8-minmax, w8a8-int, w4a8, w8a16, w4a16)" in err
+    assert f"unknown recipe 'w3a7': use a preset ({', '.join(PRESETS)})" in err
     assert _no_output(tmp_path, "q")
 
 
@@ -292,11 +308,11 @@ def test_existing_output_is_not_overwritten(quantized_folder, tiny_folders, caps
 
 
 def test_inspect_execution_shows_kernel_paths_and_widened_int4(tiny_folders, tmp_path, capsys):
+    from kernel_check import KERNELS_EXPECTED, SUPPORT
     from kernel_layout import packed_int8_bounds
 
     from quantdiff.nn import native_bf16
-    from quantdiff.nn.kernels import kernel_support
-    from quantdiff.recipe import PRESETS, Recipe, TensorSpec
+    from quantdiff.recipe import Recipe, TensorSpec
 
     recipe = Recipe(
         "w4a8-channel", TensorSpec(bits=4, symmetric=True, granularity="channel"), PRESETS["w8a8"].activations
@@ -307,18 +323,18 @@ def test_inspect_execution_shows_kernel_paths_and_widened_int4(tiny_folders, tmp
     args = ["--num-prompts", "2", "--steps", "3", "--num-timesteps", "2", "--mode", "noise", "--out", str(out)]
     assert main(["--quiet", "quantize", model, "--recipe", str(recipe_path), *args]) == 0
     capsys.readouterr()
-    assert main(["inspect", str(out), "--execution", "--json"]) == 0
+    assert main(["inspect", str(out), "--execution", "integer", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     execution, totals = report["execution"], report["totals"]
     quantized = [layer for layer in report["layers"] if layer["weights"] is not None]
     assert execution["integer_layers"] + execution["reference_layers"] == totals["quantized_layers"] == len(quantized)
-    if kernel_support().available:
+    if KERNELS_EXPECTED:
         assert execution["integer_layers"] == execution["widened_layers"] == len(quantized)
         assert all(layer["path"] == "integer" and layer["widened"] for layer in quantized)
         # the kernel holds int8 (1 byte per weight) in place of the packed 4-bit weight (half a byte)
         extra = execution["held_bytes"] - totals["stored_bytes"]
         half_bytes = sum(math.prod(layer["shape"]) for layer in quantized) / 2
-        saturates = kernel_support().saturates
+        saturates = SUPPORT.saturates
         blocking = sum(  # what oneDNN's packed layout adds to one byte per weight
             packed_int8_bounds(layer["shape"][0], math.prod(layer["shape"][1:]), saturates)[1]
             - math.prod(layer["shape"])
@@ -327,10 +343,20 @@ def test_inspect_execution_shows_kernel_paths_and_widened_int4(tiny_folders, tmp
         assert half_bytes - len(quantized) <= extra <= half_bytes + blocking
         assert execution["ratio_vs_fp32"] == pytest.approx(execution["held_bytes"] / totals["fp32_bytes"])
         assert execution["attention"] == ("bfloat16" if native_bf16()[0] else "float32")
-    assert main(["inspect", str(out), "--execution"]) == 0
+    assert main(["inspect", str(out), "--execution", "integer"]) == 0
     table = capsys.readouterr().out
     assert table.splitlines()[0].split()[-2:] == ["cpu", "path"] and "held in integer mode" in table
-    if kernel_support().available:
+    if KERNELS_EXPECTED:
         assert "int8 kernel (int4 widened)" in table
+    # plain --execution: auto, the default of generate and serve, settled by one denoising step
+    assert main(["inspect", str(out), "--execution", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    auto = report["execution"]
+    assert auto["mode"] == "auto"
+    assert auto["integer_layers"] + auto["float_layers"] + auto["reference_layers"] == len(quantized)
+    floats = {layer["name"] for layer in report["layers"] if layer.get("path") == "float"}
+    assert len(floats) == auto["float_layers"]
+    assert auto["float_bytes"] == 4 * sum(math.prod(layer["shape"]) for layer in quantized if layer["name"] in floats)
+    print(f"inspect --execution (auto), tiny sd15 W4A8: {len(floats)} float, {auto['integer_layers']} int8 kernel")
     assert main(["inspect", model, "--execution"]) == 2
     assert "--execution needs a quantized folder" in capsys.readouterr().err

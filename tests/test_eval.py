@@ -23,6 +23,7 @@ from quantdiff.evaluation.prompt_sets import (
     read_evaluation_set,
     write_prompt_sets,
 )
+from quantdiff.recipe import PRESETS
 
 
 @pytest.fixture(scope="module")
@@ -98,10 +99,33 @@ def test_eval_end_to_end(untrained_digits_sd, tmp_path, capsys):
     assert set(report["models"][0]["metrics"]) >= {"fid_digits", "is_digits", "alignment", "psnr_vs_fp", "ssim_vs_fp"}
     # The evaluation set of the folder is used (its steps and prompt count) and the digits metrics apply.
     assert report["prompts"]["count"] == 10 and report["settings"]["num_images"] == 6
+    # every number recomputed here on the same images (same prompts and seeds, regenerated through the API)
+    from quantdiff.demo.digits.data import render_specs, spec_labels
+    from quantdiff.demo.digits.evaluator import load_evaluator, predict
+    from quantdiff.evaluate import EvalSettings, evaluate
+    from quantdiff.evaluation.metrics import fid_from_features
+
+    _, images = evaluate(
+        untrained_digits_sd, [str(quantized)], settings=EvalSettings(num_images=6, batch_size=4), progress=False
+    )
+    prompts = read_evaluation_set(untrained_digits_sd).prompts
+    specs = [prompts[i % len(prompts)].spec for i in range(6)]
+    evaluator = load_evaluator()
+    real_features = predict(evaluator, render_specs(specs, split="eval", seed=0)).features
+    labels = spec_labels(specs)
     for model in report["models"]:
-        assert 0.0 <= model["metrics"]["alignment"] <= 1.0
-        assert 1.0 <= model["metrics"]["is_digits"] <= 10.0
-        assert model["metrics"]["fid_digits"] > 0
+        predictions = predict(evaluator, images[model["name"]])
+        heads = (predictions.digit, predictions.foreground, predictions.background)
+        hits = np.all([head.argmax(1) == label for head, label in zip(heads, labels, strict=True)], axis=0)
+        assert model["metrics"]["alignment"] == pytest.approx(hits.mean(), abs=1e-12)
+        p = predictions.digit.astype(np.float64)  # (6, 10) class probabilities
+        kl = (p * (np.log(p) - np.log(p.mean(0, keepdims=True)))).sum(1)
+        assert model["metrics"]["is_digits"] == pytest.approx(np.exp(kl.mean()), rel=1e-5)
+        fid = fid_from_features(predictions.features, real_features)
+        assert model["metrics"]["fid_digits"] == pytest.approx(fid, rel=1e-6)
+    a, b = (images[name].astype(np.float64) for name in ("w8a16", "fp"))
+    psnr = np.mean([10 * np.log10(255.0**2 / np.mean((x - y) ** 2)) for x, y in zip(a, b, strict=True)])
+    assert q["metrics"]["psnr_vs_fp"] == pytest.approx(psnr, rel=1e-9)
     assert fp["metrics"]["psnr_vs_fp"] is None and fp["metrics"]["ssim_vs_fp"] is None
     # W8A16 of the same weights stays close to FP on the same seeds.
     assert q["metrics"]["psnr_vs_fp"] > 25 and q["metrics"]["ssim_vs_fp"] > 0.8
@@ -166,4 +190,13 @@ def test_eval_quantizes_each_recipe_and_reports_them_together(untrained_digits_s
     assert "w8a16: reusing" in capsys.readouterr().out
     again = json.loads((out / "report.json").read_text())
     assert [m["metrics"] for m in again["models"]] == [m["metrics"] for m in report["models"]]
+    # A recipe file that reuses a name with other settings is quantized again, not silently replaced by the old folder.
+    changed = tmp_path / "w8a16.yaml"
+    changed.write_text(json.dumps({**PRESETS["w4a16"].to_dict(), "name": "w8a16"}))
+    assert (
+        main(["--quiet", "eval", untrained_digits_sd, "--recipes", str(changed), "--out", str(out), "--overwrite"]) == 0
+    )
+    assert "made with another recipe of that name; quantizing again" in capsys.readouterr().out
+    stored = json.loads((out / "quantized" / "w8a16" / "quantdiff.json").read_text())
+    assert stored["recipe"]["weights"]["bits"] == 4
     assert main(["--quiet", "eval", untrained_digits_sd, "--recipes", "w8a16,w8a16", "--out", str(tmp_path / "x")]) == 2

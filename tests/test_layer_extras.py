@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_check import KERNELS_EXPECTED, SUPPORT, needs_kernels
 from torch import nn
 
 from quantdiff.calibration.timestep import StepClock
 from quantdiff.errors import RecipeError
-from quantdiff.nn import InputQParams, QuantizedLayer, kernel_support
+from quantdiff.nn import InputQParams, QuantizedLayer
 from quantdiff.nn.quantized import QUANTIZED_CLASSES
 from quantdiff.plan import LayerPlan
 from quantdiff.primitives import compute_qparams, fake_quantize, sqnr_db
 from quantdiff.recipe import PRESETS, LayerOverride, Recipe, TensorSpec
-
-SUPPORT = kernel_support()
 
 
 def _layer(kind: str) -> tuple[nn.Module, torch.Tensor]:
@@ -79,7 +78,7 @@ def test_pre_scale_and_lowrank_branch_reparametrise_exactly_and_quantize_the_res
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
-@pytest.mark.skipif(not SUPPORT.available, reason=f"no oneDNN int8 kernels: {SUPPORT.reason}")
+@needs_kernels
 def test_extras_take_the_integer_path_around_the_kernel(kind):
     layer, x = _layer(kind)
     module = _prepared(layer, "w8a8-int")  # pair-safe weights: exact on every x86 CPU
@@ -120,7 +119,7 @@ def test_per_timestep_input_scales_follow_the_denoiser_clock():
             quantized_input = fake_quantize(x, scales[group], torch.tensor(128), 8, False)
             expected[timestep] = module._op(quantized_input, module.dequantized_weight(), module.bias)
             assert torch.equal(module(x), expected[timestep])
-    if not SUPPORT.available:
+    if not KERNELS_EXPECTED:
         return
     decision = module.set_execution("integer", support=SUPPORT)
     assert decision.path == "integer", decision.reason
@@ -168,7 +167,7 @@ def test_dynamic_inputs_are_quantized_per_call_and_run_on_the_kernel(kind, granu
         reference = module(x)
     assert torch.equal(reference, expected)
     for backend in ("onednn", "int_mm"):
-        if backend == "onednn" and not SUPPORT.available:
+        if backend == "onednn" and not KERNELS_EXPECTED:
             continue
         decision = module.set_execution("integer", support=SUPPORT, backend=backend)
         if backend == "int_mm" and kind == "conv":
@@ -196,13 +195,13 @@ def test_dynamic_inputs_the_kernels_cannot_take_say_why():
     plan = LayerPlan("layer", "Linear", tuple(linear.weight.shape), True, PRESETS["w8a8-int"].weights, spec, "t")
     module = QUANTIZED_CLASSES["Linear"].prepared(linear, plan)
     module.convert()
-    if SUPPORT.available:
-        decision = module.set_execution("integer", support=SUPPORT)
-        assert decision.path == "reference" and "asymmetric per-token inputs" in decision.reason
-    decision = module.set_execution("integer", backend="int_mm")  # the int8 GEMM subtracts zero points in int32
-    assert decision.path == "integer"
-    with torch.no_grad():
-        assert sqnr_db(module.reference_forward(x), module(x)) > 100
+    # asymmetric per-token inputs: oneDNN subtracts each token's zero point as a rank-1 term, the int8 GEMM in int32
+    for backend in ("onednn", "int_mm") if KERNELS_EXPECTED else ("int_mm",):
+        decision = module.set_execution("integer", support=SUPPORT, backend=backend)
+        assert decision.path == "integer", decision.reason
+        with torch.no_grad():
+            assert sqnr_db(module.reference_forward(x), module(x)) > 100
+        module.set_execution("reference")
 
 
 def test_dynamic_specs_are_validated():
@@ -271,3 +270,59 @@ def test_extras_are_checked_where_they_are_declared():
     conv = QUANTIZED_CLASSES["Conv2d"].prepared(grouped, _plan(grouped))
     with pytest.raises(ValueError, match="low-rank branch needs a convolution with one group"):
         conv.set_layer_plan(conv.layer_plan.with_extra("lowrank", rank=1, dtype="float32"), {})
+
+
+def _sd_sized(kind: str, mode: str) -> tuple[nn.Module, torch.Tensor]:
+    """SD1.5 shapes at 32x32 latents: a transformer Linear over 1024 tokens, and an up-block resnet's conv1
+    (3x3) or conv_shortcut (1x1: per-pixel scales factor out of it) whose input is the concatenation of the
+    hidden state and a skip (640 = 320 + 320 channels) at 16x16."""
+    torch.manual_seed(4)
+    if kind == "linear":
+        return nn.Linear(320, 320), torch.randn(2, 1024, 320) + 0.5
+    x = torch.cat([torch.randn(2, 320, 16, 16), torch.randn(2, 320, 16, 16) * 8], dim=1)  # (B, C_hidden + C_skip, H, W)
+    return nn.Conv2d(640, 320, 1) if mode.startswith("token") else nn.Conv2d(640, 320, 3, padding=1), x
+
+
+@pytest.mark.skipif(not KERNELS_EXPECTED, reason="needs the int8 CPU kernels (oneDNN)")
+@pytest.mark.parametrize(
+    "kind, mode",
+    [
+        (kind, mode)
+        for kind in ("linear", "conv")
+        for mode in ("input_pre_scale", "timestep_groups", "token-sym", "token-asym")
+    ]
+    + [("conv", "input_split")],  # the split is a convolution's concatenated input
+)
+def test_each_activation_mode_matches_the_fake_quant_path_at_sd_sizes(kind, mode):
+    """The integer path computes the fake-quant path's integers for every activation mode at SD1.5 sizes."""
+    layer, x = _sd_sized(kind, mode)
+    weights = PRESETS["w8a8-int"].weights  # pair-safe: exact on every x86 CPU
+    activations = PRESETS["w8a8"].activations
+    if mode.startswith("token"):
+        activations = TensorSpec(8, mode == "token-sym", "token", dynamic=True)
+    plan = LayerPlan("layer", type(layer).__name__, tuple(layer.weight.shape), True, weights, activations, "test")
+    module = QUANTIZED_CLASSES[type(layer).__name__].prepared(layer, plan)
+    channel = x.shape[-1] if kind == "linear" else x.shape[1]
+    if mode == "input_pre_scale":
+        s = torch.linspace(0.25, 4.0, channel)
+        module.set_layer_plan(plan.with_extra("input_pre_scale", channels=channel), {"input_pre_scale": s})
+        module.convert(input_qparams=_input_qparams(x * _per_channel(s, kind)))
+    elif mode == "timestep_groups":
+        module.set_layer_plan(plan.with_extra("timestep_groups", groups=2), {"timestep_edges": torch.tensor([500.0])})
+        low, high = x.min(), x.max()
+        pairs = [compute_qparams(low, high, 8, False), compute_qparams(low / 2, high / 2, 8, False)]
+        module.convert(input_qparams=InputQParams(*(torch.stack(t) for t in zip(*pairs, strict=True))))
+        module.step_clock = StepClock(nn.Linear(1, 1))
+        module.step_clock.timestep = 200.0  # group 0
+    elif mode == "input_split":
+        module.set_layer_plan(plan.with_extra("input_split", at=320))
+        pairs = [compute_qparams(part.min(), part.max(), 8, False) for part in x.split(320, dim=1)]
+        module.convert(input_qparams=InputQParams(*(torch.stack(t) for t in zip(*pairs, strict=True))))
+    else:
+        module.convert()
+    with torch.no_grad():
+        reference = module.reference_forward(x)
+        decision = module.set_execution("integer", support=SUPPORT)
+        integer = module(x)
+    assert decision.path == "integer", decision.reason
+    assert sqnr_db(reference, integer) > 35, decision.reason  # measured above 100 dB: the same integers

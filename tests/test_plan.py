@@ -122,3 +122,68 @@ def test_exact_layer_entries_come_first_and_round_trip(unet, tmp_path):
         )
     with pytest.raises(RecipeError, match="mapping of skip / weights / activations"):
         Recipe.from_dict({**data, "layers": {names[0]: {"pattern": "*"}}})
+
+
+def test_rule_order_on_a_dit(tiny_folders):
+    """SD3's MMDiT: the same order on transformer layer names; each rule's reason names the rule that won."""
+    transformer = denoiser_of(load_pipeline(tiny_folders["sd3"]))[1]
+    recipe = Recipe(
+        "dit",
+        PRESETS["w8a8"].weights,
+        PRESETS["w8a8"].activations,
+        ignore=("transformer_blocks.*.attn.to_*", "proj_out"),
+        overrides=(
+            LayerOverride("transformer_blocks.0.attn.to_q", weights={"bits": 4}),  # beats the ignore glob
+            LayerOverride("context_embedder", weights={"bits": 6}),  # beats the default ignore list
+            LayerOverride("transformer_blocks.1.ff.*", skip=True),
+            LayerOverride("transformer_blocks.*.ff.net.2", activations=None),  # after the skip: not reached for 1
+        ),
+        layers={"transformer_blocks.1.attn.to_k": LayerOverride("transformer_blocks.1.attn.to_k")},
+    )
+    plan = resolve_plan(transformer, recipe, ARCHITECTURES["sd3"])
+    to_q = plan["transformer_blocks.0.attn.to_q"]
+    assert to_q.weights.bits == 4 and to_q.reason == "override 'transformer_blocks.0.attn.to_q'"
+    assert (
+        plan["context_embedder"].weights.bits == 6 and plan["context_embedder"].reason == "override 'context_embedder'"
+    )
+    # the exact layer entry comes before the ignore glob that also matches it
+    assert plan["transformer_blocks.1.attn.to_k"].quantized and plan["transformer_blocks.1.attn.to_k"].reason == (
+        "layer entry"
+    )
+    # the recipe's ignore glob before the default ignore list on the same layer
+    assert not plan["transformer_blocks.0.attn.to_k"].quantized
+    assert plan["transformer_blocks.0.attn.to_k"].reason == "ignore 'transformer_blocks.*.attn.to_*'"
+    assert not plan["proj_out"].quantized and plan["proj_out"].reason == "ignore 'proj_out'"
+    # first matching override wins
+    assert not plan["transformer_blocks.1.ff.net.2"].quantized
+    assert plan["transformer_blocks.1.ff.net.2"].reason == "skip 'transformer_blocks.1.ff.*'"
+    ff2 = plan["transformer_blocks.0.ff.net.2"]
+    assert ff2.weights.bits == 8 and ff2.activations is None
+    assert ff2.reason == "override 'transformer_blocks.*.ff.net.2'"
+    # no rule: the default ignore list, then the recipe's specs
+    assert plan["norm_out.linear"].reason.startswith("default ignore: final adaLN modulation")
+    assert plan["pos_embed.proj"].reason.startswith("default ignore: patch-embedding conv")
+    assert plan["transformer_blocks.0.attn.add_q_proj"].reason == "recipe dit"
+
+
+def test_ignore_glob_and_default_ignore_on_the_same_layer(unet):
+    """A recipe glob that matches a default-ignored layer: the recipe's ignore is the reason reported, the
+    layer stays floating point, and the glob counts as used (no 'matched no layer' warning)."""
+    import warnings
+
+    recipe = Recipe("g", PRESETS["w8a8"].weights, PRESETS["w8a8"].activations, ignore=("conv_*",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan = resolve_plan(unet, recipe, ARCHITECTURES["sd15"])
+    assert not plan["conv_in"].quantized and plan["conv_in"].reason == "ignore 'conv_*'"
+    assert not plan["conv_out"].quantized and plan["conv_out"].reason == "ignore 'conv_*'"
+    # the same glob with the default list turned off still keeps both in floating point
+    off = resolve_plan(
+        unet,
+        Recipe("g", recipe.weights, recipe.activations, ignore=("conv_*",), use_default_ignore=False),
+        ARCHITECTURES["sd15"],
+    )
+    assert not off["conv_in"].quantized and off["conv_in"].reason == "ignore 'conv_*'"
+    # and without the glob the default list decides, with its own reason
+    default = resolve_plan(unet, PRESETS["w8a8"], ARCHITECTURES["sd15"])
+    assert default["conv_in"].reason.startswith("default ignore: first layer")

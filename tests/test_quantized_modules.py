@@ -71,9 +71,21 @@ def test_weight_round_trip_matches_fake_quantization(bits, symmetric):
     spec = TensorSpec(bits, symmetric, "channel", observer="minmax")
     weight_q, scale, zero_point = quantize_weight(weight, spec)
     restored = dequantize_weight(weight_q, scale, zero_point, spec, weight.shape)
-    low, high = weight.aminmax(dim=1)
-    s, z = compute_qparams(low, high, bits, symmetric)
-    assert torch.equal(restored, fake_quantize(weight, s[:, None], z[:, None], bits, symmetric))
+    # min-max quantization per output channel, written out in float64: the grid covers [min, max] (symmetric:
+    # [-absmax, absmax] on 2^(b-1) - 1 steps each side; asymmetric: 2^b - 1 steps with an integer zero point)
+    w = weight.double()
+    low, high = w.amin(dim=1, keepdim=True).clamp(max=0), w.amax(dim=1, keepdim=True).clamp(min=0)
+    if symmetric:
+        q_max = 2 ** (bits - 1) - 1
+        step = torch.maximum(-low, high) / q_max
+        expected = (w / step).round().clamp(-q_max - 1, q_max) * step
+    else:
+        step = (high - low) / (2**bits - 1)
+        zero = (-low / step).round()
+        expected = ((w / step).round() + zero).clamp(0, 2**bits - 1).sub(zero) * step
+    assert restored.dtype == torch.float32 and restored.shape == weight.shape
+    torch.testing.assert_close(restored.double(), expected, rtol=0, atol=1e-6)
+    assert (restored.double() - w).abs().max() <= step.max() / 2 + 1e-6  # within half a step of the weight
 
 
 def test_linear_forward_is_fake_quant_of_input_and_weight():

@@ -268,6 +268,26 @@ def test_eval_command_reports_real_metrics(tiny_folders, inception_file, clip_fo
     argv += ["--prompts", str(prompts), "--steps", "2", "--inception-weights", str(inception_file[0])]
     assert main(argv + ["--clip-model", str(clip_folder)]) == 0
     fp, q = (model["metrics"] for model in json.loads((out / "report.json").read_text())["models"])
-    assert fp["fid_inception"] is None and q["fid_inception"] >= 0.0
-    assert 0.0 <= fp["clip_score"] <= 100.0 and 0.0 <= q["clip_score"] <= 100.0
+    assert fp["fid_inception"] is None
+    # the same images again (same seeds), scored here with the metrics' own functions, network by network
+    from quantdiff.evaluate import EvalSettings, evaluate
+
+    _, images = evaluate(
+        tiny_folders["sd15"],
+        [str(quantized)],
+        settings=EvalSettings(num_images=3, steps=2),
+        prompts=["a red fox", "a blue car"],
+        progress=False,
+    )
+    texts = ["a red fox", "a blue car", "a red fox"]
+    inception = load_inception(str(inception_file[0]))
+    expected_fid = inception_fid_from_features(
+        inception_features(inception, images["w8a16"]), inception_features(inception, images["fp"])
+    )
+    assert q["fid_inception"] == pytest.approx(expected_fid, rel=1e-6, abs=1e-9)
+    clip = load_clip(str(clip_folder))
+    for metrics, name in ((fp, "fp"), (q, "w8a16")):
+        image_emb, text_emb = clip_embeddings(clip, images[name], texts)  # unit-norm (3, P) each
+        cosines = (image_emb.double() * text_emb.double()).sum(dim=-1)
+        assert metrics["clip_score"] == pytest.approx(float((100 * cosines).clamp(min=0).mean()), rel=1e-5, abs=1e-6)
     assert fp["image_reward"] is None

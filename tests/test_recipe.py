@@ -16,10 +16,25 @@ def test_presets_have_the_documented_bits():
         "w8a8": "W8A8",
         "w8a8-minmax": "W8A8",
         "w8a8-int": "W8A8",
+        "w8a6": "W8A6",
+        "w8a6-minmax": "W8A6",
+        "w8a4": "W8A4",
+        "w8a4-minmax": "W8A4",
         "w4a8": "W4A8",
+        "w4a8-minmax": "W4A8",
+        "w4a6": "W4A6",
+        "w4a6-minmax": "W4A6",
+        "w4a4": "W4A4",
+        "w4a4-minmax": "W4A4",
         "w8a16": "W8A16",
         "w4a16": "W4A16",
     }
+    for name in ("w8a6", "w8a4", "w4a6", "w4a4"):  # the best measured recipes below 8-bit activations
+        assert PRESETS[name].activations.dynamic and PRESETS[name].activations.granularity == "token"
+        twin = PRESETS[f"{name}-minmax"]  # ... and their naive twins: min-max, static, no algorithms
+        assert twin.label == PRESETS[name].label and not twin.algorithms and twin.activations.observer == "minmax"
+        assert twin.weights.observer == "minmax" and not twin.activations.dynamic
+    assert [a.TYPE for a in PRESETS["w4a4"].algorithms] == ["smoothquant", "gptq"]
     assert PRESETS["w8a8-int"].weights.pair_safe and not PRESETS["w8a8"].weights.pair_safe
     assert PRESETS["w4a16"].weights.granularity == "group" and PRESETS["w4a16"].weights.group_size == 128
     assert PRESETS["w8a16"].activations is None
@@ -30,8 +45,10 @@ def test_presets_have_the_documented_bits():
 def test_recipe_dict_round_trip_is_exact(name):
     recipe = PRESETS[name]
     data = json.loads(json.dumps(recipe.to_dict()))
-    # the lowest format version that expresses the recipe: 2 only for pair-safe weights
-    assert data["_type"] == "Recipe" and data["_version"] == (2 if recipe.weights.pair_safe else 1)
+    # the lowest format version that expresses the recipe: 3 for algorithms and dynamic inputs, 2 for pair-safe weights
+    dynamic = recipe.activations is not None and recipe.activations.dynamic
+    expected = 3 if recipe.algorithms or dynamic else 2 if recipe.weights.pair_safe else 1
+    assert data["_type"] == "Recipe" and data["_version"] == expected
     assert Recipe.from_dict(data) == recipe
 
 

@@ -19,9 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from kernel_check import KERNELS_EXPECTED
 from PIL import Image
 
 from quantdiff.generate import a1111_parameters, parse_a1111_parameters, save_png
+from quantdiff.nn import QuantizedLayer, execution_summary
 from quantdiff.serving.schedulers import SchedulerError, make_scheduler, scheduler_names
 from quantdiff.serving.service import (
     GenerationRequest,
@@ -118,8 +120,12 @@ def test_compare_mode_runs_both_models_on_the_same_seed(tiny_folders, tmp_path):
     first, second, similarity = service.compare(GenerationRequest("a cat", steps=3, seed=5))
     assert first.seed == second.seed == 5
     assert first.parameters["quantization"] == "W8A16 (w8a16)" and second.parameters["quantization"] is None
-    # served in integer execution by default; weight-only layers have no int8 kernel, so all keep the reference
-    assert service.slots[0].execution.startswith("integer execution: 0 of 177 quantized layers on int8 kernels")
+    # served in auto execution by default; weight-only layers have no int8 kernel, so all keep the reference
+    assert service.slots[0].execution.startswith(
+        "auto execution: 0 of 177 quantized layers on int8 kernels, 177 on the reference path"
+    )
+    assert {path for _, path, _ in service.slots[0].execution_layers()} == {"reference"}
+    assert service.slots[1].execution_layers() == []  # floating point
     assert service.slots[1].execution is None  # floating point
     assert 20 < similarity["psnr"] < float("inf") and 0.5 < similarity["ssim"] < 1.0
     (entry,) = service.history()
@@ -230,20 +236,103 @@ def test_http_api_under_20_concurrent_requests(tiny_folders, tmp_path):
         assert _post(server.url + "/api/generate", {"prompt": ""})[0] == 400
         assert _post(server.url + "/api/generate", {"prompt": "x", "scheduler": "flow-euler"})[0] == 400
 
-        with ThreadPoolExecutor(20) as pool:
-            answers = list(
-                pool.map(lambda i: _post(server.url + "/api/generate", {"prompt": f"cat {i}", "steps": 3}), range(20))
-            )
+        # Hold every generation open at its first denoiser call: one runs, queue_size - 1 wait for the model,
+        # and every request beyond queue_size is refused at once.
+        gate, entered, active, most = threading.Event(), [], [0], [0]
+        counter = threading.Lock()
+
+        def hold(module, args, kwargs):
+            with counter:
+                active[0] += 1
+                most[0] = max(most[0], active[0])
+                entered.append(threading.get_ident())
+            assert gate.wait(timeout=300), "the test never opened the gate"
+
+        def leave(module, args, kwargs, output):
+            with counter:
+                active[0] -= 1
+
+        unet = service.main.pipe.unet
+        handles = [
+            unet.register_forward_pre_hook(hold, with_kwargs=True),
+            unet.register_forward_hook(leave, with_kwargs=True),
+        ]
+        answers = []
+        try:
+            with ThreadPoolExecutor(20) as pool:
+                futures = [
+                    pool.submit(_post, server.url + "/api/generate", {"prompt": f"cat {i}", "steps": 3})
+                    for i in range(20)
+                ]
+                deadline = time.time() + 120
+                while sum(f.done() for f in futures) < 16 and time.time() < deadline:
+                    time.sleep(0.05)
+                refused_while_held = sum(f.done() for f in futures)
+                time.sleep(0.5)  # time for a second generation to start, if the lock let one
+                held = (len(entered), active[0], sum(f.done() for f in futures))
+                gate.set()
+                answers = [f.result() for f in futures]
+        finally:
+            gate.set()
+            for handle in handles:
+                handle.remove()
+        assert refused_while_held == 16 and held == (1, 1, 16), (refused_while_held, held)
         codes = [code for code, _ in answers]
-        assert set(codes) <= {200, 503}, codes
-        assert codes.count(200) >= 4  # at least a full queue's worth is served
+        assert sorted(codes) == [200] * 4 + [503] * 16, codes  # exactly queue_size served, the rest refused
+        assert most[0] == 1  # one generation (one denoiser call) at a time, all through
+        assert len(set(entered)) == 4 and len(entered) == 4 * 3 * 1  # 4 generations x 3 steps (CFG batched)
         for code, body in answers:
-            assert ("image_png_base64" in body) if code == 200 else ("queue is full" in body["error"])
+            assert (
+                ("image_png_base64" in body) if code == 200 else ("queue is full (4 requests waiting)" in body["error"])
+            )
         assert _get(server.url + "/api/health")[0] == 200  # still up
     lines = (tmp_path / "log.jsonl").read_text().splitlines()
     assert len(lines) == 3 + 20  # every request is in the log, rejected ones included
-    statuses = [json.loads(line)["status"] for line in lines[3:]]
-    assert statuses.count("ok") == codes.count(200)
+    entries = [json.loads(line) for line in lines[3:]]
+    assert sorted(e["status"] for e in entries) == ["error"] * 16 + ["ok"] * 4
+    assert [e["error_type"] for e in entries if e["status"] == "error"] == ["QueueFullError"] * 16
+
+
+def test_http_500_when_the_guard_catches_nan_or_inf_on_the_integer_path(tiny_folders, tmp_path):
+    """A quantized model served on the int8 kernels: NaN / inf reaching the latents answer 500 with the
+    guard's message, logged as NonFiniteError, and the server keeps serving."""
+    from quantdiff.cli import main
+
+    quantized = tmp_path / "q"
+    calibration = ["--num-prompts", "1", "--steps", "2", "--num-timesteps", "1", "--mode", "noise"]
+    assert (
+        main(
+            ["--quiet", "quantize", tiny_folders["sd15"], "--recipe", "w8a8-int", *calibration, "--out", str(quantized)]
+        )
+        == 0
+    )
+    service = GenerationService(str(quantized), log_path=tmp_path / "log.jsonl", execution="integer")  # forced
+    unet = service.main.pipe.unet
+    with _Server(service) as server:
+        status, body = _post(server.url + "/api/generate", {"prompt": "a cat", "seed": 1, "steps": 2})
+        assert status == 200, body
+        summary = execution_summary(unet)
+        if KERNELS_EXPECTED:  # pair-safe weights: every quantized layer runs on the kernel on any x86 CPU
+            assert summary.mode == "integer" and len(summary.integer) == len(summary.layers) > 0, summary.format()
+        # NaN from a floating-point layer ahead of the int8 kernels (the kernel alone would make it finite),
+        # and inf out of a quantized layer running on its kernel
+        first, quantized = unet.conv_in, unet.get_submodule("up_blocks.1.resnets.2.conv2")
+        assert not isinstance(first, QuantizedLayer) and isinstance(quantized, QuantizedLayer)
+        for layer, bad in ((first, float("nan")), (quantized, float("inf")), (quantized, float("nan"))):
+            saved = layer.bias.detach().clone()
+            with torch.no_grad():
+                layer.bias[0] = bad
+            try:
+                status, body = _post(server.url + "/api/generate", {"prompt": "a cat", "seed": 1, "steps": 2})
+            finally:
+                with torch.no_grad():
+                    layer.bias.copy_(saved)
+            assert status == 500, (bad, status, body)
+            assert body["error"].startswith("the denoiser produced NaN/inf latents at step 1 of 2: try float32")
+        status, body = _post(server.url + "/api/generate", {"prompt": "a cat", "seed": 1, "steps": 2})
+        assert status == 200, body
+    entries = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [e.get("error_type") for e in entries] == [None, "NonFiniteError", "NonFiniteError", "NonFiniteError", None]
 
 
 def _chromium() -> str | None:

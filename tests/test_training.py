@@ -31,6 +31,23 @@ def test_toy_training_run_writes_a_loadable_pipeline(toy_digits_sd):
     folder, lines = toy_digits_sd
     assert any(line.startswith("vae step 0") for line in lines) and any("denoiser step 2" in line for line in lines)
     pipe = load_pipeline(folder)
+    # the run trained: the autoencoder's reconstruction loss fell, and every trained model moved from its init
+    vae_losses = [float(line.rsplit("loss ", 1)[1]) for line in lines if line.startswith("vae step")]
+    print("toy vae losses", vae_losses, [line for line in lines if "denoiser step" in line])
+    assert len(vae_losses) >= 2 and vae_losses[-1] < vae_losses[0], vae_losses
+    initial = build_components(DigitsSDConfig().seed)  # the weights the run starts from; it saves in fp16
+    for name in ("vae", "unet", "text_encoder"):
+        before, after = initial[name].state_dict(), getattr(pipe, name).state_dict()
+        weights = [
+            key
+            for key in before
+            if before[key].is_floating_point()
+            and not key.endswith(("norm.weight", "norm1.weight", "norm2.weight", "norm3.weight"))
+        ]
+        kept = [key for key in weights if torch.equal(before[key].half().to(after[key].dtype), after[key])]
+        # all but a few moved (3 Adam steps do not show on norm scales of 1.0 in fp16, nor on key biases, which
+        # get no gradient); with the optimizer step removed every one of them stays at its init
+        assert len(kept) <= len(weights) // 20, (name, len(kept), len(weights), kept[:5])
     assert pipe.vae.config.scaling_factor != 0.18215  # measured from the latents, not SD's constant
     image = pipe("a red seven on a white background", num_inference_steps=2, output_type="np").images[0]
     assert image.shape == (32, 32, 3) and np.isfinite(image).all()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_check import KERNELS_EXPECTED
 
 from quantdiff.algorithms.base import QuantizationContext, Stage
 from quantdiff.algorithms.gptq import GPTQ, gptq_quantize
@@ -12,7 +13,7 @@ from quantdiff.algorithms.lowrank import LowRank, lowrank_split
 from quantdiff.algorithms.smoothquant import SmoothQuant
 from quantdiff.calibration.taps import Taps
 from quantdiff.errors import RecipeError
-from quantdiff.nn import dequantize_weight, kernel_support, quantize_weight, use_integer_kernels
+from quantdiff.nn import dequantize_weight, quantize_weight, use_integer_kernels
 from quantdiff.pipelines.architectures import architecture_of
 from quantdiff.pipelines.loading import denoiser_of, load_pipeline
 from quantdiff.plan import resolve_plan
@@ -20,8 +21,6 @@ from quantdiff.primitives import sqnr_db
 from quantdiff.quantize import prepare, quantize_denoiser, run_algorithms
 from quantdiff.recipe import PRESETS, Recipe, TensorSpec
 from quantdiff.serialization import load_quantized_denoiser, save_quantized
-
-SUPPORT = kernel_support()
 
 
 @pytest.mark.parametrize(
@@ -161,7 +160,7 @@ def test_lowrank_after_smoothing_runs_saved_and_on_the_kernel(tiny_folders, cali
     loaded = load_quantized_denoiser(tmp_path / "q")
     for a, b in zip(outputs, held_out.replay(loaded, progress=False), strict=True):
         assert torch.equal(a, b)
-    if not SUPPORT.available:
+    if not KERNELS_EXPECTED:
         return
     # on the integer path, layer by layer: the residual on the kernel, the branch in floating point
     name = next(layer.name for layer in ranked if layer.layer_type == "Linear")

@@ -18,13 +18,13 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from quantdiff.errors import QuantDiffError
-from quantdiff.nn import ATTENTION_CHOICES, execution_summary, use_integer_kernels
+from quantdiff.nn import ATTENTION_CHOICES, EXECUTION_MODES, execution_summary, use_execution
 from quantdiff.pipelines.loading import denoiser_of, load_pipeline
 from quantdiff.progress import bars_wanted
 from quantdiff.quantize import quantization_info
 from quantdiff.serialization import is_quantized_folder, load_quantized_pipeline
 
-EXECUTIONS = ("integer", "reference")
+EXECUTIONS = EXECUTION_MODES
 
 
 def load_any_pipeline(
@@ -40,10 +40,12 @@ def load_any_pipeline(
     Args:
         execution: for a quantized folder, ``"integer"`` runs each quantized layer on this CPU's int8 kernel
             where it computes it exactly (the others keep the reference path; ``execution_summary`` of the
-            denoiser says which and why), ``"reference"`` the fake-quant path everywhere. Ignored for
+            denoiser says which and why); ``"auto"`` runs each such layer on the faster of the kernel and the
+            float path (the reference math on a cached fp32 weight), measured at its first call (see
+            :func:`quantdiff.nn.use_execution`); ``"reference"`` the fake-quant path everywhere. Ignored for
             floating-point folders.
-        attention: in integer execution, the dtype of scaled-dot-product attention: ``"auto"`` (bf16 on CPUs
-            with native bf16), ``"float32"`` or ``"bfloat16"`` (see :mod:`quantdiff.nn.attention`).
+        attention: in integer and auto execution, the dtype of scaled-dot-product attention: ``"auto"`` (bf16
+            on CPUs with native bf16), ``"float32"`` or ``"bfloat16"`` (see :mod:`quantdiff.nn.attention`).
     """
     if execution not in EXECUTIONS:
         raise QuantDiffError(f"execution {execution!r} is unknown: use one of {', '.join(EXECUTIONS)}")
@@ -52,9 +54,9 @@ def load_any_pipeline(
     if not is_quantized_folder(path):
         return load_pipeline(path, device=device, **components)
     pipe = load_quantized_pipeline(path, device=device, **components)
-    if execution == "integer":
+    if execution != "reference":
         _, denoiser = denoiser_of(pipe)
-        use_integer_kernels(denoiser, attention=attention)
+        use_execution(denoiser, execution, attention=attention)
     return pipe
 
 
@@ -66,9 +68,18 @@ def describe_execution(pipe) -> str | None:
     summary = execution_summary(denoiser)
     if summary.mode == "reference":
         return "reference (fake-quant) execution"
-    return f"integer execution: {len(summary.integer)} of {len(summary.layers)} quantized layers on int8 kernels" + (
-        f", attention in {summary.attention}" if summary.attention else ""
-    )
+    if summary.mode == "integer":
+        counts = f"{len(summary.integer)} of {len(summary.layers)} quantized layers on int8 kernels"
+    else:  # auto: what each layer chose at its first call (faster on this CPU)
+        counts = f"{len(summary.integer)} of {len(summary.layers)} quantized layers on int8 kernels" + (
+            f", {len(summary.floating)} on the float path (faster here for their shapes; "
+            f"+{sum(layer.float_bytes for layer in summary.layers) / 2**20:.2f} MiB fp32 weight copies)"
+            if summary.floating
+            else ""
+        )
+        counts += f", {len(summary.pending)} chosen at their first call" if summary.pending else ""
+        counts += f", {len(summary.reference)} on the reference path" if summary.reference else ""
+    return f"{summary.mode} execution: {counts}" + (f", attention in {summary.attention}" if summary.attention else "")
 
 
 def generate(
@@ -165,8 +176,16 @@ def a1111_parameters(parameters: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+_FIELD = re.compile(r"([A-Z][\w ]*): ")
+
+
 def parse_a1111_parameters(text: str) -> dict[str, str]:
-    """Read back :func:`a1111_parameters` text: ``prompt``, ``negative_prompt`` and the ``Key: value`` fields."""
+    """Read back :func:`a1111_parameters` text: ``prompt``, ``negative_prompt`` and the ``Key: value`` fields.
+
+    Linear in the text's length whatever it holds (no backtracking regex over the whole line): the fields
+    line is split at ", " and a piece that starts with ``Key: `` starts a field; any other piece belongs to
+    the value before it.
+    """
     lines = text.split("\n")
     fields_line = lines.pop() if len(lines) > 1 else ""
     parsed: dict[str, str] = {}
@@ -175,9 +194,38 @@ def parse_a1111_parameters(text: str) -> dict[str, str]:
         parsed["negative_prompt"] = "\n".join(lines[negative[0] :])[len("Negative prompt: ") :]
         lines = lines[: negative[0]]
     parsed["prompt"] = "\n".join(lines)
-    for match in re.finditer(r"([A-Z][\w ]*): ((?:[^,]|,(?! [A-Z][\w ]*: ))*)", fields_line):
-        parsed[match.group(1)] = match.group(2)
+    key = None
+    for piece in fields_line.split(", "):
+        match = _FIELD.match(piece)
+        if match:
+            key = match.group(1)
+            parsed[key] = piece[match.end() :]
+        elif key is not None:
+            parsed[key] += ", " + piece
     return parsed
+
+
+def read_png_parameters(source: str | os.PathLike | bytes) -> dict[str, str]:
+    """The settings stored in a PNG's ``parameters`` text chunk (by :func:`save_png` or A1111), parsed.
+
+    ``source`` is a path or the file's bytes. A file that is not a PNG, or has no such chunk, raises
+    :class:`QuantDiffError`; PIL's own limits bound what a hostile file can make it decompress.
+    """
+    where = "the image" if isinstance(source, bytes) else f"'{source}'"
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            if image.format != "PNG":
+                raise QuantDiffError(f"{where} is a {image.format} image, not a PNG: pass a PNG saved by quantdiff")
+            text = getattr(image, "text", {}).get("parameters")
+    except QuantDiffError:
+        raise
+    except Exception as error:  # PIL raises many kinds on hostile bytes (SyntaxError, struct.error, ...)
+        raise QuantDiffError(
+            f"{where} is not a readable PNG ({type(error).__name__}): pass a PNG saved by quantdiff"
+        ) from None
+    if not isinstance(text, str):
+        raise QuantDiffError(f"{where} has no 'parameters' text chunk: it was not saved by quantdiff or A1111")
+    return parse_a1111_parameters(text)
 
 
 def png_bytes(image: Image.Image, parameters: dict[str, Any]) -> bytes:

@@ -6,7 +6,8 @@ rule set, the plan is the result.
 
 Recipes come from three places:
 
-* the presets ``w8a8``, ``w8a8-minmax``, ``w8a8-int``, ``w4a8``, ``w8a16`` and ``w4a16`` (:data:`PRESETS`);
+* the presets ``w8a8``, ``w8a8-int``, ``w8a6``, ``w8a4``, ``w4a8``, ``w4a6``, ``w4a4`` (each ``wXaY`` with a naive
+  ``wXaY-minmax`` twin), ``w8a16`` and ``w4a16`` (:data:`PRESETS`);
 * a JSON or YAML file with the same fields (``quantdiff quantize ... --recipe my_recipe.yaml``);
 * Python code, building the dataclasses directly.
 
@@ -25,7 +26,6 @@ that do use one are refused there with "upgrade quantdiff" instead of an unknown
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,6 +37,7 @@ import torch
 
 from quantdiff.algorithms.base import AlgorithmConfig, algorithm_from_dict, check_algorithm_order
 from quantdiff.errors import RecipeError
+from quantdiff.jsonfile import one_line, parse_json
 from quantdiff.observers import OBSERVERS, make_observer
 from quantdiff.versioning import Feature, check_version, lowest_version
 
@@ -51,6 +52,8 @@ RECIPE_FEATURES = (
 )
 
 GRANULARITIES = ("tensor", "channel", "group", "token")
+MAX_RECIPE_BYTES = 16 * 2**20
+"""The largest recipe file :func:`load_recipe` reads (a per-layer recipe of a large model is well under 1 MB)."""
 SUPPORTED_LAYER_TYPES = ("Linear", "Conv2d")
 
 
@@ -443,7 +446,9 @@ def _check_activation_spec(spec: TensorSpec, where: str) -> None:
 
 def _check_weight_spec(spec: TensorSpec, where: str) -> None:
     if spec.dynamic or spec.granularity == "token":
-        raise RecipeError(f"{where}: weights are quantized once: dynamic and granularity 'token' are activation options")
+        raise RecipeError(
+            f"{where}: weights are quantized once: dynamic and granularity 'token' are activation options"
+        )
 
 
 def _check_keys(data: Mapping[str, Any], cls: type, where: str) -> None:
@@ -470,12 +475,41 @@ _W4 = TensorSpec(bits=4, symmetric=True, granularity="group", group_size=128, ob
 _A8 = TensorSpec(bits=8, symmetric=False, granularity="tensor", observer="mse")
 _A8_MINMAX = TensorSpec(bits=8, symmetric=False, granularity="tensor", observer="minmax")
 
+_W4_MINMAX = TensorSpec(bits=4, symmetric=True, granularity="group", group_size=128, observer="minmax")
+
+
+def _token(bits: int) -> TensorSpec:
+    """Dynamic asymmetric per-token inputs: with 4 and 6 bits one static scale cannot cover the tokens."""
+    return TensorSpec(bits=bits, symmetric=False, granularity="token", dynamic=True)
+
+
+def _static_minmax(bits: int) -> TensorSpec:
+    return TensorSpec(bits=bits, symmetric=False, granularity="tensor", observer="minmax")
+
+
+def _algorithms(*types: str) -> tuple[AlgorithmConfig, ...]:
+    """Default configs of the named algorithms (built through the registry, which imports their modules)."""
+    return tuple(algorithm_from_dict({"_type": name}, f"preset algorithm {name!r}") for name in types)
+
+
+# Below 8-bit activations the presets are the best measured recipes of the ablation in the README (digits-sd,
+# 300 images): dynamic per-token inputs after SmoothQuant balancing, and GPTQ for 4-bit weights. Each has a
+# `-minmax` twin: the naive recipe of the same format (min-max ranges, one static scale per tensor).
 PRESETS: Mapping[str, Recipe] = MappingProxyType(
     {
         "w8a8": Recipe(name="w8a8", weights=_W8, activations=_A8),
         "w8a8-minmax": Recipe(name="w8a8-minmax", weights=_W8, activations=_A8_MINMAX),
         "w8a8-int": Recipe(name="w8a8-int", weights=_W8_PAIR_SAFE, activations=_A8),
+        "w8a6": Recipe(name="w8a6", weights=_W8, activations=_token(6), algorithms=_algorithms("smoothquant")),
+        "w8a6-minmax": Recipe(name="w8a6-minmax", weights=_W8, activations=_static_minmax(6)),
+        "w8a4": Recipe(name="w8a4", weights=_W8, activations=_token(4), algorithms=_algorithms("smoothquant")),
+        "w8a4-minmax": Recipe(name="w8a4-minmax", weights=_W8, activations=_static_minmax(4)),
         "w4a8": Recipe(name="w4a8", weights=_W4, activations=_A8),
+        "w4a8-minmax": Recipe(name="w4a8-minmax", weights=_W4_MINMAX, activations=_A8_MINMAX),
+        "w4a6": Recipe(name="w4a6", weights=_W4, activations=_token(6), algorithms=_algorithms("smoothquant", "gptq")),
+        "w4a6-minmax": Recipe(name="w4a6-minmax", weights=_W4_MINMAX, activations=_static_minmax(6)),
+        "w4a4": Recipe(name="w4a4", weights=_W4, activations=_token(4), algorithms=_algorithms("smoothquant", "gptq")),
+        "w4a4-minmax": Recipe(name="w4a4-minmax", weights=_W4_MINMAX, activations=_static_minmax(4)),
         "w8a16": Recipe(name="w8a16", weights=_W8, activations=None),
         "w4a16": Recipe(name="w4a16", weights=_W4, activations=None),
     }
@@ -494,15 +528,23 @@ def load_recipe(recipe: str | Path | Recipe) -> Recipe:
         raise RecipeError(f"unknown recipe {text!r}: use a preset ({', '.join(PRESETS)}) or a .json/.yaml recipe file")
     if not path.is_file():
         raise RecipeError(f"recipe file {text!r} does not exist")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe file {text!r} is larger than {MAX_RECIPE_BYTES // 2**20} MiB: that is not a recipe")
     try:
         if path.suffix.lower() == ".json":
-            data = json.loads(path.read_text())
+            data = parse_json(path.read_bytes())
         else:
             import yaml
 
-            data = yaml.safe_load(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise RecipeError(f"recipe file {text!r} is not valid JSON: {error}") from None
-    except Exception as error:  # yaml.YAMLError and friends
-        raise RecipeError(f"recipe file {text!r} could not be parsed: {error}") from None
-    return Recipe.from_dict(data)
+            # libyaml's parser where PyYAML has it: the same documents, several times faster on a large file.
+            data = yaml.load(path.read_bytes(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except Exception as error:  # JSONDecodeError, bad UTF-8, huge integers, deep nesting, yaml.YAMLError
+        kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
+        raise RecipeError(f"recipe file {text!r} is not valid {kind}: {one_line(error)}") from None
+    try:
+        return Recipe.from_dict(data)
+    except RecipeError as error:
+        raise RecipeError(f"recipe file {text!r}: {one_line(error)}") from None
+    except (TypeError, ValueError, AttributeError, KeyError, RecursionError) as error:
+        # A well-formed file whose values are of unexpected kinds (YAML dates, lists as keys, ...).
+        raise RecipeError(f"recipe file {text!r} is malformed ({type(error).__name__}: {one_line(error)})") from None

@@ -25,8 +25,10 @@ JSON schema (``inspect --json``)::
                  "fp32_bytes": int, "fp16_bytes": int, "stored_bytes": int,
                  "ratio_vs_fp32": float, "ratio_vs_fp16": float},
       "execution": null | {       # quantized folder with --execution only
+        "mode": "auto" | "integer",  # auto: the default of generate / serve, settled by one denoising step
         "support": str,           # what this CPU's int8 kernels can do
-        "integer_layers": int, "reference_layers": int, "widened_layers": int,
+        "integer_layers": int, "float_layers": int, "reference_layers": int, "widened_layers": int,
+        "float_bytes": int,       # auto: fp32 weight copies of the layers on the float path (in held_bytes)
         "attention": "float32" | "bfloat16" | null,  # SDPA dtype in integer mode (bf16 on native-bf16 CPUs)
         "held_bytes": int,        # the denoiser in integer mode: packed kernel copies + tensors still held
         "ratio_vs_fp32": float}
@@ -34,9 +36,11 @@ JSON schema (``inspect --json``)::
 
 ``totals`` cover the whole denoiser (norms, embeddings and layers kept in floating point included);
 ``stored_bytes`` is the size of the quantized denoiser as stored and held in memory in reference mode.
-With ``execution``, each quantized layer also has ``"path"`` (``integer`` | ``reference``), ``"widened"``
-(4-bit weights widened to int8 for the kernel) and ``"path_reason"``: what ``use_integer_kernels`` does
-with it on this machine. Finding out loads the weights and prepacks them once.
+With ``execution``, each quantized layer also has ``"path"`` (``integer`` | ``float`` | ``reference``),
+``"widened"`` (4-bit weights widened to int8 for the kernel) and ``"path_reason"``: what the execution mode
+does with it on this machine (auto: the timings that chose it). Finding out loads the weights and prepacks
+them; auto also runs the pipeline for one denoising step at the model's own settings, so that each layer
+chooses at the shapes generation gives it.
 """
 
 from __future__ import annotations
@@ -48,8 +52,8 @@ from typing import Any
 
 from safetensors import safe_open
 
-from quantdiff.nn.execution import use_integer_kernels
-from quantdiff.pipelines.loading import read_pipeline_folder
+from quantdiff.nn.execution import execution_summary, use_execution
+from quantdiff.pipelines.loading import denoiser_of, read_pipeline_folder
 from quantdiff.plan import QuantPlan, resolve_plan
 from quantdiff.quantize import build_skeleton
 from quantdiff.recipe import PRESETS, Recipe, load_recipe
@@ -58,8 +62,9 @@ from quantdiff.serialization import all_tensors, load_quantized_denoiser, read_q
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
-def report_quantized_folder(path: str | os.PathLike, *, execution: bool = False) -> dict[str, Any]:
-    """Report of a folder written by ``save_quantized``; ``execution``: add this CPU's integer-kernel paths."""
+def report_quantized_folder(path: str | os.PathLike, *, execution: bool | str = False) -> dict[str, Any]:
+    """Report of a folder written by ``save_quantized``; ``execution``: add each layer's path on this CPU in
+    ``"auto"`` execution (or True: the default of generate and serve) or ``"integer"`` (kernels forced)."""
     folder = read_quantized_folder(path)
     tensors: dict[str, tuple[tuple[int, ...], int, bool]] = {}
     with safe_open(folder.weights_path, framework="pt") as handle:
@@ -71,14 +76,19 @@ def report_quantized_folder(path: str | os.PathLike, *, execution: bool = False)
     report = _report(
         str(folder.path), True, info.plan, info.recipe, info.architecture.name, folder.denoiser_class, tensors
     )
-    report["execution"] = _integer_execution(folder.path, report) if execution else None
+    mode = "auto" if execution is True else execution or None
+    report["execution"] = _execution(folder.path, report, mode) if mode else None
     return report
 
 
-def _integer_execution(path, report: dict[str, Any]) -> dict[str, Any]:
-    """Switch the stored denoiser to integer kernels and record each layer's path and the bytes it holds."""
-    denoiser = load_quantized_denoiser(path)
-    summary = use_integer_kernels(denoiser)
+def _execution(path, report: dict[str, Any], mode: str) -> dict[str, Any]:
+    """Switch the stored denoiser to ``mode`` and record each layer's path and the bytes it holds."""
+    if mode == "auto":
+        denoiser = _settled_auto_denoiser(path)
+        summary = execution_summary(denoiser)
+    else:
+        denoiser = load_quantized_denoiser(path)
+        summary = use_execution(denoiser, mode)
     by_name = {layer.name: layer for layer in summary.layers}
     for entry in report["layers"]:
         layer = by_name.get(entry["name"])
@@ -86,16 +96,36 @@ def _integer_execution(path, report: dict[str, Any]) -> dict[str, Any]:
             entry.update(path=layer.path, widened=layer.widened, path_reason=layer.reason)
     # named_buffers skips the weight_q buffers the kernels released; their packed copies count instead
     held = sum(t.numel() * t.element_size() for t in (*denoiser.parameters(), *denoiser.buffers()))
-    held += sum(layer.kernel_bytes for layer in summary.layers)
+    held += sum(layer.kernel_bytes + layer.float_bytes for layer in summary.layers)
     return {
+        "mode": mode,
         "support": summary.support.describe() if summary.support is not None else "",
         "integer_layers": len(summary.integer),
+        "float_layers": len(summary.floating),
+        "float_bytes": sum(layer.float_bytes for layer in summary.layers),
         "reference_layers": len(summary.reference),
         "widened_layers": sum(layer.widened for layer in summary.layers),
         "attention": summary.attention,
         "held_bytes": held,
         "ratio_vs_fp32": held / report["totals"]["fp32_bytes"] if report["totals"]["fp32_bytes"] else float("nan"),
     }
+
+
+def _settled_auto_denoiser(path):
+    """The folder's pipeline in auto execution after one denoising step at its own settings (its prompt set's
+    guidance, its default size), so that each layer has chosen its path at the shapes generation gives it."""
+    import torch
+
+    from quantdiff.evaluation.prompt_sets import read_evaluation_set
+    from quantdiff.generate import load_any_pipeline
+
+    pipe = load_any_pipeline(path, execution="auto")
+    own = read_evaluation_set(read_quantized_folder(path).base_path)
+    guidance = {} if own is None or own.guidance is None else {"guidance_scale": float(own.guidance)}
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        pipe(prompt="a photo", num_inference_steps=1, output_type="latent", **guidance)
+    return denoiser_of(pipe)[1]
 
 
 def report_pipeline_folder(path: str | os.PathLike, recipe: Recipe | str | None = None) -> dict[str, Any]:
@@ -218,12 +248,19 @@ def format_totals(report: dict[str, Any]) -> str:
     ]
     execution = report.get("execution")
     if execution is not None:
+        mode = execution.get("mode", "integer")
+        floats = execution.get("float_layers", 0)
         lines += [
-            f"integer mode: {execution['integer_layers']} layers on the int8 kernel "
+            f"{mode} mode: {execution['integer_layers']} layers on the int8 kernel "
             f"({execution['widened_layers']} with 4-bit weights widened to int8), "
-            f"{execution['reference_layers']} on the reference path; {execution['support']}"
+            + (
+                f"{floats} on the float path (faster here; {_bytes(execution['float_bytes'])} fp32 copies), "
+                if floats
+                else ""
+            )
+            + f"{execution['reference_layers']} on the reference path; {execution['support']}"
             + (f"; attention in {execution['attention']}" if execution.get("attention") else ""),
-            f"held in integer mode: {_bytes(execution['held_bytes'])} ({execution['ratio_vs_fp32']:.3f}x of fp32)",
+            f"held in {mode} mode: {_bytes(execution['held_bytes'])} ({execution['ratio_vs_fp32']:.3f}x of fp32)",
         ]
     return "\n".join(lines)
 
@@ -233,6 +270,8 @@ def _path_cell(entry: dict[str, Any]) -> str:
         return "fp32"
     if entry["path"] == "integer":
         return "int8 kernel (int4 widened)" if entry["widened"] else "int8 kernel"
+    if entry["path"] == "float":  # auto: faster than the kernel at this layer's shape
+        return "float: " + entry["path_reason"].removeprefix("float: ").split(" at input")[0]
     return entry["path_reason"].split(";")[0].split(" (")[0]
 
 

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from quantdiff.atomic import atomic_directory
 from quantdiff.errors import FormatError, RecipeError
-from quantdiff.jsonfile import read_json_object
+from quantdiff.jsonfile import check_inside, one_line, read_json_object
 from quantdiff.nn.quantized import QuantizedLayer
 from quantdiff.pipelines.architectures import ARCHITECTURES
 from quantdiff.pipelines.loading import (
@@ -176,13 +176,20 @@ def save_quantized(
 
 
 def read_quantized_folder(path: str | os.PathLike) -> QuantizedFolder:
-    """Parse and check ``quantdiff.json`` of a quantized folder."""
+    """Parse and check ``quantdiff.json`` of a quantized folder.
+
+    The folder may come from someone else, so what it names is checked before anything is opened: the
+    denoiser component is ``unet`` or ``transformer`` (the architecture's), its class is the architecture's
+    diffusers class, and ``base.path`` is ``"."`` (self-contained) or an absolute path. Any malformed value is
+    a :class:`FormatError`; see the README's Reliability section for the policy.
+    """
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise FormatError(f"quantized folder '{path}' does not exist")
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
         raise FormatError(f"'{path}' is not a quantdiff folder: it has no {CONFIG_NAME}")
+    check_inside(folder, config_path, FormatError)
     config = read_json_object(config_path, FormatError, "re-run quantize")
     if config.get("quant_method") != QUANT_METHOD:
         raise FormatError(f"{config_path} was not written by quantdiff (quant_method != 'quantdiff')")
@@ -198,22 +205,53 @@ def read_quantized_folder(path: str | os.PathLike) -> QuantizedFolder:
     except ValueError as error:
         raise FormatError(str(error)) from None
     try:
-        denoiser = config["denoiser"]
+        denoiser, base = config["denoiser"], config["base"]
+        if not isinstance(denoiser, dict) or not isinstance(base, dict):
+            raise TypeError("'denoiser' and 'base' must be JSON objects")
+        architecture = (
+            ARCHITECTURES.get(denoiser["architecture"]) if isinstance(denoiser["architecture"], str) else None
+        )
+        if architecture is None:
+            raise ValueError(f"unknown architecture {denoiser['architecture']!r} (known: {', '.join(ARCHITECTURES)})")
+        component, denoiser_class = denoiser["component"], denoiser["class"]
+        if component != architecture.denoiser_component or denoiser_class != architecture.denoiser_class:
+            raise ValueError(
+                f"a {architecture.name} denoiser is component {architecture.denoiser_component!r} of class "
+                f"{architecture.denoiser_class!r}, not {component!r} of class {denoiser_class!r}"
+            )
+        if not isinstance(denoiser["config_hash"], str):
+            raise TypeError("denoiser.config_hash must be a string")
         info = QuantizationInfo(
-            architecture=ARCHITECTURES[denoiser["architecture"]],
+            architecture=architecture,
             recipe=Recipe.from_dict(config["recipe"]),
             plan=QuantPlan.from_dict(config["plan"]),
             calibration=config.get("calibration"),
         )
-        base_path = Path(config["base"]["path"])
-        component, denoiser_class = denoiser["component"], denoiser["class"]
-    except (KeyError, TypeError) as error:
+        base_path = _base_path(base["path"])
+    except KeyError as error:
         raise FormatError(f"{config_path} is missing {error}: the folder is damaged, re-run quantize") from None
-    except RecipeError as error:
-        raise FormatError(f"{config_path}: {error}") from None
+    except (TypeError, ValueError, AttributeError, RecursionError, RecipeError, FormatError) as error:
+        raise FormatError(
+            f"{config_path} is malformed ({one_line(error)}): the folder is damaged, re-run quantize"
+        ) from None
     if not base_path.is_absolute():
-        base_path = (folder / base_path).resolve()
+        base_path = folder.resolve()
     return QuantizedFolder(folder.resolve(), config, info, base_path, component, denoiser_class)
+
+
+def _base_path(value: Any) -> Path:
+    """``base.path``: ``"."`` (the folder itself) or an absolute path; anything else is refused."""
+    if not isinstance(value, str) or not value or "\x00" in value:
+        raise ValueError(f"base.path must be a non-empty path string, got {value!r}")
+    if value == ".":
+        return Path(".")
+    path = Path(value)
+    if not path.is_absolute():
+        raise ValueError(
+            f"base.path {value!r} is relative: quantdiff writes '.' (self-contained) or the base pipeline "
+            "folder's absolute path, so set it to that absolute path"
+        )
+    return path
 
 
 def load_quantized_denoiser(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
@@ -224,19 +262,54 @@ def load_quantized_denoiser(path: str | os.PathLike, *, device: str | torch.devi
     denoiser_config_path = folder.path / folder.component / "config.json"
     if not denoiser_config_path.is_file():
         raise FormatError(f"'{path}' is missing {folder.component}/config.json: re-run quantize")
+    check_inside(folder.path, denoiser_config_path, FormatError)
+    check_inside(folder.path, folder.weights_path, FormatError)
     cls = getattr(diffusers, folder.denoiser_class, None)
     if cls is None:
         raise FormatError(f"diffusers has no class {folder.denoiser_class!r}: upgrade diffusers")
-    with torch.device("meta"):
-        denoiser = cls.from_config(cls.load_config(denoiser_config_path.parent))
+    read_json_object(denoiser_config_path, FormatError, "re-run quantize")  # bounded, before diffusers parses it
+    try:
+        with torch.device("meta"):
+            denoiser = cls.from_config(cls.load_config(denoiser_config_path.parent))
+    except Exception as error:  # diffusers' own checks of a config raise anything: refuse the file, say why
+        raise FormatError(
+            f"{denoiser_config_path} is not a valid {folder.denoiser_class} config ({one_line(error)}): re-run quantize"
+        ) from None
     if config_hash(denoiser.config) != folder.config["denoiser"]["config_hash"]:
         raise FormatError(f"{denoiser_config_path} was changed after quantization: re-run quantize")
     tensors = _read_tensors(folder.weights_path)
-    build_skeleton(denoiser, folder.info.plan)
+    _check_plan_fits(denoiser, folder.info.plan, folder.path / CONFIG_NAME)
+    try:
+        build_skeleton(denoiser, folder.info.plan)
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as error:
+        raise FormatError(
+            f"the plan in {folder.path / CONFIG_NAME} cannot be built ({one_line(error)}): re-run quantize"
+        ) from None
     _assign(denoiser, tensors, folder.weights_path)
     denoiser.eval().requires_grad_(False)
     setattr(denoiser, INFO_ATTRIBUTE, folder.info)
     return denoiser.to(device)
+
+
+def _check_plan_fits(denoiser: nn.Module, plan: QuantPlan, source: Path) -> None:
+    """Every planned layer exists in ``denoiser`` with the planned type, weight shape and bias."""
+    modules = dict(denoiser.named_modules())
+    for layer in plan:
+        module = modules.get(layer.name)
+        weight = getattr(module, "weight", None)
+        actual = (
+            None
+            if module is None or weight is None
+            else (type(module).__name__, tuple(weight.shape), getattr(module, "bias", None) is not None)
+        )
+        if actual != (layer.layer_type, tuple(layer.weight_shape), layer.has_bias):
+            found = (
+                "no such layer" if module is None else f"{actual[0]} {actual[1]}" if actual else type(module).__name__
+            )
+            raise FormatError(
+                f"the plan in {source} does not match its {type(denoiser).__name__}: layer {layer.name!r} is planned "
+                f"as {layer.layer_type} {tuple(layer.weight_shape)}, the model has {found}; re-run quantize"
+            )
 
 
 def load_quantized_pipeline(
@@ -310,7 +383,8 @@ def _assign(model: nn.Module, tensors: dict[str, Tensor], source: Path) -> None:
     for name, tensor in tensors.items():
         slot = expected[name]
         # Float tensors may be stored in another float dtype (a pipeline loaded in fp16); integer ones may not.
-        if tuple(slot.shape) != tuple(tensor.shape) or slot.is_floating_point() != tensor.is_floating_point():
+        same_kind = slot.is_floating_point() and tensor.is_floating_point() or slot.dtype == tensor.dtype
+        if tuple(slot.shape) != tuple(tensor.shape) or not same_kind:
             raise FormatError(
                 f"'{source}': tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, the model expects "
                 f"{tuple(slot.shape)} {slot.dtype}; re-run quantize"

@@ -50,7 +50,9 @@ RECIPE = Recipe(
     weights=TensorSpec(bits=8, symmetric=True, granularity="channel"),
     activations=TensorSpec(bits=8, symmetric=False, granularity="tensor"),
     overrides=(
-        LayerOverride("down_blocks.1.*", weights={"bits": 4, "symmetric": False, "granularity": "group", "group_size": 8}),
+        LayerOverride(
+            "down_blocks.1.*", weights={"bits": 4, "symmetric": False, "granularity": "group", "group_size": 8}
+        ),
         LayerOverride("*.attn2.to_k", activations=None),
         LayerOverride("*.attn2.to_v", weights={"bits": 6, "granularity": "tensor"}),
         LayerOverride("up_blocks.0.upsamplers.*", skip=True),

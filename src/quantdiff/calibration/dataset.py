@@ -19,8 +19,10 @@ dicts such as SDXL's ``added_cond_kwargs`` are flattened to dotted paths.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +35,7 @@ from torch import Tensor, nn
 
 from quantdiff.atomic import atomic_directory
 from quantdiff.errors import CalibrationError
-from quantdiff.jsonfile import read_json_object
+from quantdiff.jsonfile import check_inside, one_line, read_json_object
 from quantdiff.pipelines.loading import config_hash
 from quantdiff.progress import Progress
 
@@ -90,6 +92,25 @@ class CalibrationSet:
                 f"'{self.info.get('model')}', config hash {str(recorded)[:12]}) than this "
                 f"{type(denoiser).__name__} (config hash {actual[:12]}): run `quantdiff calibrate` on this model"
             )
+        if not self.records:
+            return
+        # Same config, yet the tensors may not fit (edited, or recorded at shapes this model cannot take):
+        # one call with the first record says so here rather than as a traceback mid-quantization. Every
+        # record has the first one's shapes (checked by load), so every record fits when it does.
+        parameter = next(denoiser.parameters(), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
+        dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
+        try:
+            with torch.no_grad():
+                denoiser(**_to(self.records[0].inputs, device, dtype))
+        except (RuntimeError, ValueError, TypeError, IndexError, AttributeError) as error:
+            shapes = ", ".join(
+                f"{path} {tuple(tensor.shape)}" for path, tensor in _flatten(self.records[0].inputs)[0].items()
+            )
+            raise CalibrationError(
+                f"calibration data from '{self.info.get('model')}' does not fit this {type(denoiser).__name__} "
+                f"({one_line(error, 160)}; recorded {shapes}): run `quantdiff calibrate` on this model"
+            ) from None
 
     def split(self, holdout_prompts: int) -> tuple[CalibrationSet, CalibrationSet]:
         """Split by prompt: records of the last ``holdout_prompts`` prompts form the second set."""
@@ -176,6 +197,7 @@ class CalibrationSet:
             raise CalibrationError(f"calibration folder '{folder}' does not exist: run `quantdiff calibrate` first")
         if not index_path.is_file():
             raise CalibrationError(f"'{folder}' is not a calibration folder: it has no {INDEX_NAME}")
+        check_inside(folder, index_path, CalibrationError)
         index = read_json_object(index_path, CalibrationError, "re-run calibrate")
         if index.get("format") != FORMAT_NAME:
             raise CalibrationError(f"{index_path} is not a quantdiff calibration index")
@@ -188,24 +210,93 @@ class CalibrationSet:
         shards: dict[str, dict[str, Tensor]] = {}
         records = []
         try:
-            for entry in index["records"]:
+            entries = index["records"]
+            if not isinstance(entries, list):
+                raise TypeError("'records' must be a list")
+            for number, entry in enumerate(entries):
                 name = entry["shard"]
+                if not isinstance(name, str) or not _SHARD_NAME.fullmatch(name):
+                    raise ValueError(f"record {number} names shard {name!r}, not a records-NNNNN.safetensors file")
                 if name not in shards:
-                    shards[name] = _load_shard(folder / name)
-                tensors = {path: shards[name][key] for path, key in entry["tensors"].items()}
+                    shards[name] = _load_shard(folder, name)
+                tensors = {}
+                for path, key in entry["tensors"].items():
+                    if key not in shards[name]:
+                        raise ValueError(f"record {number}: tensor {key!r} is not in {name}")
+                    tensors[_argument_path(path)] = shards[name][key]
+                values = entry["values"]
+                if not isinstance(values, dict) or not all(_plain(v) for v in values.values()):
+                    raise TypeError(f"record {number}: 'values' must map argument paths to plain JSON values")
                 records.append(
                     CalibrationRecord(
-                        inputs=_unflatten(tensors, entry["values"]),
-                        prompt_index=int(entry["prompt_index"]),
-                        step_index=int(entry["step_index"]),
-                        timestep=float(entry["timestep"]),
+                        inputs=_unflatten(tensors, {_argument_path(path): v for path, v in values.items()}),
+                        prompt_index=_integer(entry["prompt_index"], "prompt_index"),
+                        step_index=_integer(entry["step_index"], "step_index"),
+                        timestep=_number(entry["timestep"], "timestep"),
                     )
                 )
-        except (KeyError, TypeError) as error:
+            info = index.get("info", {})
+            if not isinstance(info, dict):
+                raise TypeError("'info' must be a JSON object")
+        except KeyError as error:
             raise CalibrationError(
                 f"calibration index {index_path} is inconsistent (missing {error}): re-run calibrate"
             ) from None
-        return cls(records, dict(index.get("info", {})))
+        except (TypeError, ValueError, AttributeError) as error:
+            raise CalibrationError(f"calibration index {index_path} is malformed ({error}): re-run calibrate") from None
+        _check_consistent(records, folder)
+        return cls(records, dict(info))
+
+
+_SHARD_NAME = re.compile(r"records-\d{5}\.safetensors")
+_ARGUMENT_PART = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _argument_path(path: Any) -> str:
+    """A recorded argument's dotted path (``sample``, ``added_cond_kwargs.text_embeds``): identifiers only."""
+    if not isinstance(path, str) or not all(_ARGUMENT_PART.fullmatch(part) for part in path.split(".")):
+        raise ValueError(f"argument path {path!r} is not a dotted Python name")
+    return path
+
+
+def _plain(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str)) or value == {}
+
+
+def _integer(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
+        raise ValueError(f"{what} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _signature(record: CalibrationRecord) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    tensors, _ = _flatten(record.inputs)
+    return {path: (tuple(tensor.shape), tensor.dtype) for path, tensor in tensors.items()}
+
+
+def _check_consistent(records: list[CalibrationRecord], folder: Path) -> None:
+    """Every record carries the same arguments with the same shapes and dtypes (one recording's do)."""
+    if not records:
+        return
+    first = _signature(records[0])
+    for number, record in enumerate(records[1:], start=1):
+        signature = _signature(record)
+        if signature != first:
+            differ = sorted(p for p in set(first) | set(signature) if first.get(p) != signature.get(p))[0]
+            raise CalibrationError(
+                f"calibration data in '{folder}' is inconsistent: record {number} has {differ!r} as "
+                f"{_describe(signature.get(differ))}, record 0 as {_describe(first.get(differ))}; re-run calibrate"
+            )
+
+
+def _describe(entry: tuple[tuple[int, ...], torch.dtype] | None) -> str:
+    return "absent" if entry is None else f"{entry[0]} {str(entry[1]).removeprefix('torch.')}"
 
 
 def denoiser_output(output: Any) -> Tensor:
@@ -217,12 +308,14 @@ def denoiser_output(output: Any) -> Tensor:
     return output.sample
 
 
-def _load_shard(path: Path) -> dict[str, Tensor]:
+def _load_shard(folder: Path, name: str) -> dict[str, Tensor]:
+    path = folder / name
     if not path.is_file():
         raise CalibrationError(f"calibration shard '{path}' is missing: re-run calibrate")
+    check_inside(folder, path, CalibrationError)
     try:
         return load_file(path)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as error:
         raise CalibrationError(
             f"calibration shard '{path}' is corrupt or truncated ({error}): re-run calibrate"
         ) from None
@@ -258,6 +351,10 @@ def _unflatten(tensors: Mapping[str, Tensor], values: Mapping[str, Any]) -> dict
         node = inputs
         for parent in parents:
             node = node.setdefault(parent, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"argument path {path!r} runs through {parent!r}, which is not a dict")
+        if leaf in node and isinstance(node[leaf], dict) and node[leaf] and not isinstance(value, dict):
+            raise ValueError(f"argument path {path!r} is both a value and a dict")
         node[leaf] = value
     return inputs
 

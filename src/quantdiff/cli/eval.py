@@ -81,7 +81,7 @@ def _quantize_recipes(args) -> list[str]:
     from quantdiff.pipelines.loading import denoiser_of, load_pipeline
     from quantdiff.quantize import quantize_denoiser
     from quantdiff.recipe import load_recipe
-    from quantdiff.serialization import is_quantized_folder, save_quantized
+    from quantdiff.serialization import is_quantized_folder, read_quantized_folder, save_quantized
 
     recipes = [load_recipe(name.strip()) for name in args.recipes.split(",") if name.strip()]
     if not recipes:
@@ -114,12 +114,17 @@ def _quantize_recipes(args) -> list[str]:
     folders = []
     for recipe in recipes:
         folder = root / "quantized" / recipe.name
+        stale = False
         if is_quantized_folder(folder):
-            print(f"{recipe.name}: reusing {folder}")
-        else:
-            pipe = load_pipeline(args.model, device=args.device)
-            quantize_denoiser(denoiser_of(pipe)[1], recipe, calibration, progress=not args.quiet)
-            save_quantized(pipe, folder, base_path=args.model)
-            print(f"{recipe.name} ({recipe.label}) -> {folder}")
+            stale = read_quantized_folder(folder).info.recipe.to_dict() != recipe.to_dict()
+            if not stale:
+                print(f"{recipe.name}: reusing {folder}")
+                folders.append(str(folder))
+                continue
+            print(f"{recipe.name}: {folder} was made with another recipe of that name; quantizing again")
+        pipe = load_pipeline(args.model, device=args.device)
+        quantize_denoiser(denoiser_of(pipe)[1], recipe, calibration, progress=not args.quiet)
+        save_quantized(pipe, folder, base_path=args.model, overwrite=stale)
+        print(f"{recipe.name} ({recipe.label}) -> {folder}")
         folders.append(str(folder))
     return folders

@@ -19,7 +19,7 @@ def add_parser(verbs) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="image.png", help="PNG path (default image.png)")
     add_runtime_options(parser)
-    add_execution_options(parser, "integer")
+    add_execution_options(parser, "auto")
     parser.set_defaults(run=run)
 
 
@@ -33,9 +33,6 @@ def run(args) -> int:
         execution=args.execution,
         attention=args.attention,
     )
-    execution = describe_execution(pipe)
-    if execution is not None and not args.quiet:
-        print(execution, file=sys.stderr)
     image, parameters = generate(
         pipe,
         args.prompt,
@@ -47,6 +44,9 @@ def run(args) -> int:
         seed=args.seed,
         progress=not args.quiet,
     )
+    execution = describe_execution(pipe)  # after the run: auto execution chooses each layer's path at its first call
+    if execution is not None and not args.quiet:
+        print(execution, file=sys.stderr)
     save_png(image, args.out, parameters)
     kind = parameters["quantization"] or "floating point"
     print(f"{image.width}x{image.height} image, seed {args.seed}, {kind} -> {args.out}")

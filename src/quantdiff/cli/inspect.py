@@ -17,9 +17,13 @@ def add_parser(verbs) -> None:
     parser.add_argument("--max-layers", type=int, help="show at most N layers in the table")
     parser.add_argument(
         "--execution",
-        action="store_true",
-        help="quantized folder: load it and show which layers run on this CPU's int8 kernels (and which widen "
-        "4-bit weights), with the bytes held in integer mode",
+        nargs="?",
+        const="auto",
+        choices=("auto", "integer"),
+        help="quantized folder: load it and show each layer's path on this CPU and why, with the bytes held: "
+        "'auto' (the default of generate and serve; runs one denoising step so that each layer picks the faster "
+        "of the int8 kernel and the float path) or 'integer' (the int8 kernels wherever they compute the layer "
+        "exactly; shows which widen 4-bit weights)",
     )
     parser.set_defaults(run=run)
 

@@ -56,17 +56,19 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
 def add_execution_options(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument(
         "--execution",
-        choices=("integer", "reference"),
+        choices=("auto", "integer", "reference"),
         default=default,
-        help="quantized folders: 'integer' runs the quantized layers on this CPU's int8 kernels where they "
-        "compute them exactly, 'reference' the fake-quant path (default %(default)s)",
+        help="quantized folders: 'auto' runs each layer the int8 kernel computes exactly on the kernel or on a "
+        "float copy of its weight (same output as 'reference'), whichever is faster for its shape on this CPU, "
+        "measured at its first call; 'integer' forces the int8 kernels wherever they compute the layer "
+        "exactly; 'reference' the fake-quant path everywhere (default %(default)s)",
     )
     parser.add_argument(
         "--attention",
         choices=("auto", "float32", "bfloat16"),
         default="auto",
-        help="integer execution: dtype of scaled-dot-product attention; auto = bf16 on CPUs with native bf16 "
-        "(AMX / AVX512-BF16), else float32 (default auto)",
+        help="auto / integer execution: dtype of scaled-dot-product attention; auto = bf16 on CPUs with native "
+        "bf16 (AMX / AVX512-BF16), else float32 (default auto)",
     )
 
 

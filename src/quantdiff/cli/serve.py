@@ -22,7 +22,7 @@ def add_parser(verbs) -> None:
         "--cpu-offload", action="store_true", help="with --device cuda: keep idle components on the CPU"
     )
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    add_execution_options(parser, "integer")
+    add_execution_options(parser, "auto")
     parser.set_defaults(run=run)
 
 

@@ -5,15 +5,23 @@ from quantdiff.nn.execution import (
     ExecutionSummary,
     LayerExecution,
     execution_summary,
+    use_execution,
     use_integer_kernels,
     use_reference,
 )
 from quantdiff.nn.kernels import KernelDecision, KernelInputs, KernelSupport, kernel_support
-from quantdiff.nn.quantized import InputQParams, QuantizedConv2d, QuantizedLayer, QuantizedLinear
+from quantdiff.nn.quantized import (
+    EXECUTION_MODES,
+    InputQParams,
+    QuantizedConv2d,
+    QuantizedLayer,
+    QuantizedLinear,
+)
 from quantdiff.nn.weights import QuantizedWeight, dequantize_weight, quantize_weight
 
 __all__ = [
     "ATTENTION_CHOICES",
+    "EXECUTION_MODES",
     "ExecutionSummary",
     "InputQParams",
     "KernelDecision",
@@ -31,6 +39,7 @@ __all__ = [
     "native_bf16",
     "quantize_weight",
     "use_attention_dtype",
+    "use_execution",
     "use_integer_kernels",
     "use_reference",
 ]

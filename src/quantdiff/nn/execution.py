@@ -1,5 +1,6 @@
-"""Execution modes of whole models: switch every quantized layer to its integer kernel or back, and say which
-path each layer takes and why (:class:`ExecutionSummary`, shown by ``quantdiff inspect --execution``)."""
+"""Execution modes of whole models: switch every quantized layer to its integer kernel, to the faster of the
+kernel and the float path (auto), or back to the reference, and say which path each layer takes and why
+(:class:`ExecutionSummary`, shown by ``quantdiff inspect --execution``)."""
 
 from __future__ import annotations
 
@@ -12,23 +13,27 @@ from torch import nn
 
 from quantdiff.nn.attention import attention_dtype, resolve_attention, use_attention_dtype
 from quantdiff.nn.kernels import KernelSupport, kernel_support
-from quantdiff.nn.quantized import QuantizedLayer
+from quantdiff.nn.quantized import EXECUTION_MODES, QuantizedLayer
 
 
 @dataclass(frozen=True)
 class LayerExecution:
-    """One quantized layer's path after :func:`use_integer_kernels` / :func:`use_reference`.
+    """One quantized layer's path after :func:`use_execution` (or :func:`use_integer_kernels` / :func:`use_reference`).
 
     Attributes:
         name: qualified module name in the model.
         layer_type: ``Linear`` or ``Conv2d``.
         weights: the weight spec, described (``int8 sym channel minmax pair-safe``).
-        path: ``"integer"`` or ``"reference"``.
-        reason: why, e.g. ``"int8 oneDNN; pair-safe weights"`` or ``"reference: per-group weights ..."``.
+        path: ``"integer"`` (the int8 kernel), ``"reference"`` (fake-quant), and in auto mode ``"float"`` (the
+            reference math on a cached fp32 weight: faster than the kernel for this layer here) or
+            ``"pending"`` (chosen at the layer's first call).
+        reason: why, e.g. ``"int8 oneDNN; pair-safe weights"``, ``"reference: per-group weights ..."`` or
+            ``"float: float 0.020 ms vs int8 kernel 0.051 ms per call at input 2x64x8x8 (7 calls each)"``.
         exact: the path computes what the reference computes (False: an allowed, saturating integer layer).
         widened: 4-bit weights widened to int8 for the kernel.
         stored_bytes: bytes of ``weight_q`` held now: 0 on the integer path, where the packed copy replaces it.
         kernel_bytes: bytes of the kernel's prepacked copy (integer path only).
+        float_bytes: bytes of the float path's fp32 weight copy, held beside ``weight_q`` (float path only).
     """
 
     name: str
@@ -40,6 +45,7 @@ class LayerExecution:
     widened: bool
     stored_bytes: int
     kernel_bytes: int
+    float_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,16 @@ class ExecutionSummary:
         return tuple(layer for layer in self.layers if layer.path == "reference")
 
     @property
+    def floating(self) -> tuple[LayerExecution, ...]:
+        """Layers on the float path (auto mode: faster than the kernel here)."""
+        return tuple(layer for layer in self.layers if layer.path == "float")
+
+    @property
+    def pending(self) -> tuple[LayerExecution, ...]:
+        """Layers whose path auto mode chooses at their first call (none has run yet)."""
+        return tuple(layer for layer in self.layers if layer.path == "pending")
+
+    @property
     def inexact(self) -> tuple[LayerExecution, ...]:
         return tuple(layer for layer in self.layers if not layer.exact)
 
@@ -72,18 +88,35 @@ class ExecutionSummary:
             "mode": self.mode,
             "support": None if self.support is None else self.support.describe(),
             "integer_layers": len(self.integer),
+            "float_layers": len(self.floating),
+            "pending_layers": len(self.pending),
             "reference_layers": len(self.reference),
             "stored_bytes": sum(layer.stored_bytes for layer in self.layers),
             "kernel_bytes": sum(layer.kernel_bytes for layer in self.layers),
+            "float_bytes": sum(layer.float_bytes for layer in self.layers),
             "attention": self.attention,
             "layers": [layer.__dict__.copy() for layer in self.layers],
         }
 
+    def headline(self) -> str:
+        """How many layers take each path, e.g. ``"auto mode: 4 of 120 quantized layers on the int8 kernel, 116
+        on the float path (+1.52 MiB fp32 weight copies), 0 on the reference path"``."""
+        float_bytes = sum(layer.float_bytes for layer in self.layers)
+        return (
+            f"{self.mode} mode: {len(self.integer)} of {len(self.layers)} quantized layers on the int8 kernel, "
+            + (
+                f"{len(self.floating)} on the float path (+{float_bytes / 2**20:.2f} MiB fp32 weight copies), "
+                if self.floating
+                else ""
+            )
+            + (f"{len(self.pending)} chosen at their first call, " if self.pending else "")
+            + f"{len(self.reference)} on the reference path"
+        )
+
     def format(self, max_layers: int | None = None) -> str:
         """Plain text: one header line, then one line per layer (``name  path  reason``)."""
         lines = [
-            f"{self.mode} mode: {len(self.integer)} of {len(self.layers)} quantized layers on the int8 kernel, "
-            f"{len(self.reference)} on the reference path"
+            self.headline()
             + (f", {len(self.inexact)} INEXACT" if self.inexact else "")
             + (f" ({self.support.describe()})" if self.support is not None else "")
             + (f"; attention in {self.attention}" if self.attention is not None else "")
@@ -136,6 +169,36 @@ def use_integer_kernels(
     return summary
 
 
+def use_execution(
+    model: nn.Module,
+    mode: str = "auto",
+    *,
+    allow_inexact: bool = False,
+    attention: str = "auto",
+    backend: str = "auto",
+) -> ExecutionSummary:
+    """Switch ``model``'s quantized layers to an execution mode.
+
+    Args:
+        mode: ``"auto"``: each layer the int8 kernel can take runs whichever of the kernel and the float path
+            is faster for its shape on this CPU, measured at its first call (the summary says ``pending``
+            until then; a later :func:`execution_summary` gives each choice with the timings); the others keep
+            the reference path. ``"integer"``: every layer the kernel can take runs it
+            (:func:`use_integer_kernels`). ``"reference"``: the fake-quant path everywhere (:func:`use_reference`).
+        allow_inexact, attention, backend: as for :func:`use_integer_kernels` (not used by ``"reference"``).
+    """
+    if mode not in EXECUTION_MODES:
+        raise ValueError(f"execution mode {mode!r} is unknown: use one of {', '.join(EXECUTION_MODES)}")
+    if mode == "reference":
+        return use_reference(model)
+    if mode == "integer":
+        return use_integer_kernels(model, allow_inexact=allow_inexact, attention=attention, backend=backend)
+    support = None if backend == "int_mm" else kernel_support()
+    device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device.type
+    use_attention_dtype(model, resolve_attention(attention, device))
+    return _switch(model, "auto", support, allow_inexact, backend)
+
+
 def use_reference(model: nn.Module) -> ExecutionSummary:
     """Switch every quantized layer of ``model`` back to the reference (fake-quant) path, attention to fp32;
     frees the kernels."""
@@ -179,4 +242,5 @@ def _describe(name: str, module: QuantizedLayer) -> LayerExecution:
         widened=decision.widened,
         stored_bytes=module.weight_q.numel() * module.weight_q.element_size() if module.holds_weight_q else 0,
         kernel_bytes=module.kernel_bytes,
+        float_bytes=module.float_weight_bytes,
     )

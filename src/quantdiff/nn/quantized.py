@@ -23,13 +23,20 @@ One forward serves every variant, in this order::
 The scale of a call is the static ``input_scale``, or with the extra ``timestep_groups`` the row of the
 current timestep's group (read from the denoiser's :class:`~quantdiff.calibration.timestep.StepClock`).
 
-Two execution modes share the converted buffers:
+Three execution modes share the converted buffers:
 
 * ``"reference"`` (default): fake-quantizes the input with the stored scale and runs the float op on the
   dequantized weight. The ground truth: quality is measured on it, and it runs anywhere.
 * ``"integer"``: the layer asks :func:`quantdiff.nn.kernels.select_kernel` for an int8 kernel, which computes
   the same integers exactly when the layer is eligible; layers that are not keep the reference path, each
   with the reason (:mod:`quantdiff.nn.execution` switches whole models and summarises).
+* ``"auto"``: a layer eligible for the kernel takes, at its first call, whichever is faster on this CPU for
+  that call's shape: the int8 kernel or the *float path* -- the reference math (same fake-quantized input)
+  on a dequantized fp32 weight cached once, so its output is bit-identical to the reference path's. On
+  small layers the kernel's fixed costs (quantizing the input, the call) outweigh what the integer math
+  saves; on SD-sized layers the kernel wins. The float path holds its fp32 copy beside ``weight_q``
+  (:attr:`QuantizedLayer.float_weight_bytes`). Timings are measured once per process per distinct shape
+  (:data:`MEASURED_PATHS`), and each layer's decision says what was measured.
 
 In integer mode the kernel's prepacked weight is the only copy held: ``weight_q`` is released (its buffer
 is ``None``) and rebuilt bit for bit from the packed copy whenever something needs it -- ``state_dict`` /
@@ -40,6 +47,9 @@ either mode, not 2. :meth:`QuantizedLayer.integer_weight` reads it in either mod
 from __future__ import annotations
 
 import bisect
+import dataclasses
+import math
+import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -61,13 +71,71 @@ from quantdiff.nn.kernels import (
 )
 from quantdiff.nn.weights import QuantizedWeight, dequantize_weight, quantize_weight
 from quantdiff.plan import LayerPlan, TensorDecl
-from quantdiff.primitives import compute_qparams, fake_quantize, pack_int4
+from quantdiff.primitives import compute_qparams, fake_quantize, integer_range, pack_int4
 from quantdiff.recipe import TensorSpec
 
-EXECUTION_MODES = ("reference", "integer")
+EXECUTION_MODES = ("auto", "integer", "reference")
 _REFERENCE = KernelDecision("reference", "reference mode")
+_PENDING = KernelDecision(
+    "pending", "auto: the int8 kernel or the float path, whichever is faster, chosen at the first call"
+)
 # Tensors that conversion creates (the prepared layer holds the float weight instead).
 _CONVERTED_TENSORS = ("weight_q", "weight_scale", "weight_zero_point", "input_scale", "input_zero_point")
+
+
+# The float path holds an extra fp32 copy of the weight: auto takes it only where it is this much faster.
+FLOAT_MARGIN = 1.1
+
+
+@dataclasses.dataclass(frozen=True)
+class PathTiming:
+    """Seconds per call of the int8 kernel and of the float path for one layer shape on this CPU (the
+    fastest of ``calls`` alternating calls of each)."""
+
+    kernel_seconds: float
+    float_seconds: float
+    calls: int
+
+    @property
+    def float_wins(self) -> bool:
+        return self.float_seconds * FLOAT_MARGIN < self.kernel_seconds
+
+    def describe(self) -> str:
+        return f"float {self.float_seconds * 1e3:.3f} ms vs int8 kernel {self.kernel_seconds * 1e3:.3f} ms per call"
+
+
+# Timings by everything a path's speed depends on (see QuantizedLayer._speed_key); the CPU is fixed within a
+# process, so one measurement serves every layer of that shape, in every model switched to auto.
+MEASURED_PATHS: dict[tuple, PathTiming] = {}
+# A call of at least this many multiply-adds takes the kernel unmeasured. Why: the kernel's fixed cost per
+# call (quantizing the input, the op's setup) is what small layers lose to; from a few MMAC up it is paid back
+# (crossover at 1-5 MMAC on the 2-core Xeon, benchmarks/notes/execution-choice.md), and at SD sizes the
+# kernel is 1.6-1.7x faster than fp32 (benchmarks/KERNELS.md). Timing such layers would cost several of their
+# calls (tens of ms each) on the first step, and a loaded machine could mislead it.
+KERNEL_WITHOUT_TIMING_MACS = 64_000_000
+# Why these numbers: the minimum over alternating calls is the least disturbed estimate of each path on a
+# shared machine (load hits both paths alike) and drops the first calls' one-off setup (oneDNN creates its
+# primitive then). Layers below the threshold above take microseconds to about a millisecond a call: at least
+# _MIN_CALLS each, then until _BUDGET_SECONDS are spent, at most _MAX_CALLS, cost a few ms per distinct shape.
+_MIN_CALLS, _MAX_CALLS, _BUDGET_SECONDS = 3, 9, 0.01
+
+
+def _time_paths(run_kernel: Callable[[], Tensor], run_float: Callable[[], Tensor]) -> tuple[PathTiming, Tensor, Tensor]:
+    """Time both paths on the same input (see _MIN_CALLS); returns the timing and each path's last output."""
+    kernel_times: list[float] = []
+    float_times: list[float] = []
+    start = time.perf_counter()
+    while len(kernel_times) < _MAX_CALLS:
+        before = time.perf_counter()
+        y_kernel = run_kernel()
+        between = time.perf_counter()
+        y_float = run_float()
+        after = time.perf_counter()
+        kernel_times.append(between - before)
+        float_times.append(after - between)
+        if len(kernel_times) >= _MIN_CALLS and after - start > _BUDGET_SECONDS:
+            break
+    return PathTiming(min(kernel_times), min(float_times), len(kernel_times)), y_kernel, y_float
 
 
 class InputQParams(NamedTuple):
@@ -106,7 +174,10 @@ class QuantizedLayer(nn.Module):
         self._support: KernelSupport | None = None
         self._kernel = None
         self._decision: KernelDecision | None = None  # None: not decided since the last change
-        self._call_table: list[tuple[float, int]] | None = None  # per-group input qparams as Python numbers
+        self._eligible: KernelDecision | None = None  # auto mode: the kernel's own decision, for the reason
+        self._float_weight: Tensor | None = None  # auto mode, float path: dequantized_weight(), cached
+        self._float_fixed: tuple[float, int, int] | None = None  # float path: static (scale, low - z, high - z)
+        self._call_table: list[tuple[float, int]] | None = None  # input qparams (per group) as Python numbers
         declared = layer.stored_tensors()
         if float_weight is None:  # a skeleton: every declared tensor, to be loaded into
             for name, decl in declared.items():
@@ -263,7 +334,7 @@ class QuantizedLayer(nn.Module):
         if self.is_prepared:
             y = self._op(x, self.weight, self.bias)
         else:
-            y = self._integer_forward(x)
+            y = self._fast_forward(x)
             if y is None:
                 y = self._reference_op(x)
         return self._with_branch(y, x)
@@ -322,6 +393,10 @@ class QuantizedLayer(nn.Module):
         """The input's channel dimension (Linear: last; Conv2d: the C of (N, C, H, W) or (C, H, W))."""
         raise NotImplementedError
 
+    def _macs_per_call(self, x: Tensor) -> int:
+        """Multiply-adds of the layer's op on ``x``."""
+        raise NotImplementedError
+
     def _split_sizes(self, x: Tensor) -> Tensor:
         at = self.extras["input_split"]["at"]
         return torch.tensor([at, x.shape[self._channel_dim(x)] - at], device=self.input_scale.device)
@@ -368,7 +443,8 @@ class QuantizedLayer(nn.Module):
         """Choose the reference or the integer path; returns which path the layer will take and why.
 
         Args:
-            mode: ``"reference"`` or ``"integer"``.
+            mode: ``"reference"``, ``"integer"`` or ``"auto"`` (the faster of the kernel and the float path,
+                measured at the first call: see the module docstring).
             support: from :func:`quantdiff.nn.kernels.kernel_support` (computed here when needed).
             allow_inexact: in integer mode, run the kernel even where it can saturate (weights that are not
                 pair-safe on a CPU without VNNI): faster, but wrong. Default: such layers keep the reference.
@@ -387,18 +463,33 @@ class QuantizedLayer(nn.Module):
         return self.execution_decision()
 
     def execution_decision(self) -> KernelDecision:
-        """The path this layer takes now (builds the kernel if integer mode needs it)."""
-        if self.execution != "integer":
+        """The path this layer takes now (builds the kernel if integer mode needs it). In auto mode a layer the
+        kernel can take is ``"pending"`` until its first call measures which path is faster."""
+        if self.execution == "reference":
             return _REFERENCE
         if self._decision is None:
             if self._support is None and self._backend != "int_mm" and self.weight_q.device.type == "cpu":
                 self._support = kernel_support()
-            self._kernel, self._decision = select_kernel(
-                self.kernel_inputs(), self._backend, support=self._support, allow_inexact=self._allow_inexact
-            )
-            if self._kernel is not None:
-                self._buffers["weight_q"] = None  # the kernel's copy holds it now: see integer_weight()
+            if self.execution == "integer":
+                self._decision = self._build_kernel()
+            else:
+                _, self._eligible = select_kernel(
+                    self.kernel_inputs(),
+                    self._backend,
+                    support=self._support,
+                    allow_inexact=self._allow_inexact,
+                    build=False,
+                )
+                self._decision = _PENDING if self._eligible.path == "integer" else self._eligible
         return self._decision
+
+    def _build_kernel(self) -> KernelDecision:
+        self._kernel, decision = select_kernel(
+            self.kernel_inputs(), self._backend, support=self._support, allow_inexact=self._allow_inexact
+        )
+        if self._kernel is not None:
+            self._buffers["weight_q"] = None  # the kernel's copy holds it now: see integer_weight()
+        return decision
 
     def kernel_inputs(self) -> KernelInputs:
         """What a kernel is built from (:class:`~quantdiff.nn.kernels.KernelInputs`)."""
@@ -437,27 +528,154 @@ class QuantizedLayer(nn.Module):
         """Bytes of the integer kernel's own (prepacked) weight copy; 0 when none is held."""
         return 0 if self._kernel is None else self._kernel.nbytes
 
+    @property
+    def float_weight_bytes(self) -> int:
+        """Bytes of the float path's fp32 weight copy (auto mode, held beside ``weight_q``); 0 when none is held."""
+        weight = self._float_weight
+        return 0 if weight is None else weight.numel() * weight.element_size()
+
     def _drop_kernel(self) -> None:
         if self._kernel is not None:
             self._buffers["weight_q"] = self.integer_weight()
         self._kernel, self._decision, self._call_table = None, None, None
+        self._eligible, self._float_weight, self._float_fixed = None, None, None
 
-    def _integer_forward(self, x: Tensor) -> Tensor | None:
-        """The kernel's output, or None when this call must take the reference path."""
-        if self.execution != "integer":
+    def _fast_forward(self, x: Tensor) -> Tensor | None:
+        """The kernel's or the float path's output, or None when this call must take the reference path."""
+        if self.execution == "reference":
             return None
-        self.execution_decision()
+        decision = self.execution_decision()
+        if decision.path == "pending":
+            return self._choose_path(x)
+        if decision.path == "float":
+            return self._float_op(x)
         if self._kernel is None:
             return None
         if not self._kernel.accepts(x):
             warnings.warn(
-                f"{type(self).__name__} is in integer mode but got a {x.dtype} input on {x.device}"
+                f"{type(self).__name__} is in {self.execution} mode but got a {x.dtype} input on {x.device}"
                 f"{' that needs gradients' if x.requires_grad else ''}: the int8 kernel takes "
                 f"{self._kernel.requirement}, so this call runs the reference path",
                 stacklevel=3,
             )
             return None
+        return self._kernel_op(x)
+
+    def _kernel_op(self, x: Tensor) -> Tensor:
         return self._kernel(x, self.bias, self._kernel_call_qparams(x))
+
+    # ---------------------------------------------------------------------- auto mode: the faster path
+    def _float_op(self, x: Tensor) -> Tensor:
+        """The float path: exactly the reference op, on the cached dequantized weight."""
+        fixed = self._float_fixed
+        if fixed is not None and x.dtype == torch.float32 and not (x.requires_grad and torch.is_grad_enabled()):
+            # the common case with its numbers looked up once: small layers pay per Python step (see below)
+            scale, low, high = fixed
+            q = x / scale  # (..., like x)
+            return self._op(q.round_().add_(0.0).clamp_(low, high).mul_(scale), self._float_weight, self.bias)
+        return self._op(self._fast_quantized_input(x), self._float_weight.to(x.dtype), _cast(self.bias, x))
+
+    def _fast_quantized_input(self, x: Tensor) -> Tensor:
+        """:meth:`quantize_input`, bit for bit, in fewer passes where the call's scale is one number."""
+        spec = self.input_spec
+        if (
+            spec is None
+            or spec.dynamic
+            or "input_split" in self.extras
+            or x.dtype != torch.float32
+            or (x.requires_grad and torch.is_grad_enabled())  # in-place rounding would lose the STE gradient
+        ):
+            return self.quantize_input(x)
+        scale, zero_point = self._input_scalars()
+        low, high = integer_range(spec.bits, spec.symmetric)
+        # clamp(round(x / s) + z, low, high) - z equals clamp(round(x / s), low - z, high - z): small integers
+        # are exact in float32. "+ 0.0" turns round's -0.0 into +0.0 as the reference's "+ z" does, so the
+        # bits match too. One temporary, then in place: 5 passes instead of about 10 with their temporaries
+        # (on a 64-channel layer of the digits model: 12 us instead of 39 us, the op itself 13-120 us).
+        y = x / scale  # (..., like x)
+        return y.round_().add_(0.0).clamp_(low - zero_point, high - zero_point).mul_(scale)
+
+    def _input_scalars(self) -> tuple[float, int]:
+        """This call's static input scale and zero point as Python numbers (the timestep group's, if any)."""
+        if self._call_table is None:  # Python numbers once: no .item() per call
+            scales, zero_points = self.input_scale.reshape(-1).tolist(), self.input_zero_point.reshape(-1).tolist()
+            self._call_table = list(zip(scales, zero_points, strict=True))
+        return self._call_table[self.timestep_group() if "timestep_groups" in self.extras else 0]
+
+    def _speed_key(self, x: Tensor) -> tuple:
+        """What the two paths' speeds depend on: the op and its shapes, the input's quantization, the backend
+        and the threads (the CPU itself is fixed within a process)."""
+        return (
+            type(self).__name__,
+            tuple(self.weight_shape),
+            ConvGeometry.of(self) if isinstance(self, QuantizedConv2d) else None,
+            tuple(x.shape),
+            x.dtype,
+            self.input_spec.describe(),  # bits, symmetry, granularity, dynamic or static
+            self.weight_spec.packed,
+            self.extras.get("input_split", {}).get("at"),
+            "timestep_groups" in self.extras,
+            self._backend,
+            torch.get_num_threads(),
+        )
+
+    def _choose_path(self, x: Tensor) -> Tensor:
+        """First call in auto mode: settle on the faster path for ``x``'s shape (measured here, or known from
+        a layer of the same shape) and return this call's output from it."""
+        shape = "x".join(map(str, x.shape))
+        key = self._speed_key(x)
+        timing = MEASURED_PATHS.get(key)
+        if timing is not None and timing.float_wins:
+            self._take_float_path(f"float: {timing.describe()} at input {shape} (same shape measured before)")
+            return self._float_op(x)
+        eligible = self._eligible
+        self._build_kernel()
+        macs = self._macs_per_call(x)
+        if timing is None and macs >= KERNEL_WITHOUT_TIMING_MACS:
+            self._decision = dataclasses.replace(
+                eligible,
+                reason=f"{eligible.reason}; {macs / 1e6:.0f} MMAC per call at input {shape}: large enough for the "
+                f"kernel to win without timing (from {KERNEL_WITHOUT_TIMING_MACS / 1e6:.0f} MMAC)",
+            )
+            return self._fast_forward(x)
+        if not self._kernel.accepts(x):
+            self._take_float_path(
+                f"float: the int8 kernel takes {self._kernel.requirement}, the first call was {x.dtype} on {x.device}"
+            )
+            return self._float_op(x)
+        y_kernel = y_float = None
+        if timing is None:
+            self._float_weight = self.dequantized_weight()  # (C_out, C_in / groups, ...) fp32
+            timing, y_kernel, y_float = _time_paths(lambda: self._kernel_op(x), lambda: self._float_op(x))
+            MEASURED_PATHS[key] = timing
+            measured = f"{timing.calls} calls each"
+        else:
+            measured = "same shape measured before"
+        if timing.float_wins:
+            self._take_float_path(f"float: {timing.describe()} at input {shape} ({measured})")
+            return y_float
+        self._float_weight = None
+        self._decision = dataclasses.replace(
+            eligible, reason=f"{eligible.reason}; faster here: {timing.describe()} at input {shape} ({measured})"
+        )
+        return y_kernel if y_kernel is not None else self._kernel_op(x)
+
+    def _take_float_path(self, reason: str) -> None:
+        if self._float_weight is None:
+            self._float_weight = self.dequantized_weight()  # (C_out, C_in / groups, ...) fp32
+        spec = self.input_spec
+        if (
+            spec is not None
+            and self.layer_plan.static_input
+            and not {"input_split", "timestep_groups"} & set(self.extras)
+        ):
+            low, high = integer_range(spec.bits, spec.symmetric)
+            scale, zero_point = self._input_scalars()
+            self._float_fixed = (scale, low - zero_point, high - zero_point)
+        if self._kernel is not None:  # the float path keeps weight_q: take it back from the kernel
+            self._buffers["weight_q"] = self.integer_weight()
+            self._kernel = None
+        self._decision = KernelDecision("float", reason)
 
     def _kernel_call_qparams(self, x: Tensor) -> tuple[float, int] | None:
         """This call's input scale and zero point as Python numbers, where they change per call (the kernel
@@ -491,6 +709,7 @@ class QuantizedLayer(nn.Module):
         if self._kernel is not None:
             state["_buffers"] = {**self._buffers, "weight_q": self.integer_weight()}
         state["_kernel"], state["_decision"], state["_call_table"] = None, None, None
+        state["_eligible"], state["_float_weight"], state["_float_fixed"] = None, None, None
         return state
 
     def extra_repr(self) -> str:
@@ -528,6 +747,9 @@ class QuantizedLinear(QuantizedLayer):
     def _channel_dim(self, x: Tensor) -> int:
         return -1
 
+    def _macs_per_call(self, x: Tensor) -> int:
+        return x.numel() * int(self.weight_shape[0])  # tokens x C_in x C_out
+
 
 class QuantizedConv2d(QuantizedLayer):
     """``nn.Conv2d`` with integer weights; see the module docstring for the stored tensors."""
@@ -564,6 +786,11 @@ class QuantizedConv2d(QuantizedLayer):
 
     def _channel_dim(self, x: Tensor) -> int:
         return -3
+
+    def _macs_per_call(self, x: Tensor) -> int:
+        stride = ConvGeometry.of(self).stride
+        pixels_out = x.numel() // x.shape[-3] // (stride[0] * stride[1])  # N x H' x W', about
+        return pixels_out * math.prod(self.weight_shape)  # x C_out x C_in / groups x kh x kw
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, stride={self.stride}, padding={self.padding}, groups={self.groups}"

@@ -130,11 +130,15 @@ def load_pipeline(
     # pipelines that do not list them as optional refuse to load.
     absent = {name: None for name, entry in folder.components.items() if entry is None}
     try:
+        # safetensors only: a folder with pickled .bin weights is refused rather than unpickled
         pipe = DiffusionPipeline.from_pretrained(
-            folder.path, local_files_only=True, dtype=torch_dtype, **{**absent, **components}
+            folder.path, local_files_only=True, dtype=torch_dtype, use_safetensors=True, **{**absent, **components}
         )
     except (OSError, ValueError, EnvironmentError) as error:
-        raise PipelineError(f"could not load the pipeline in '{path}': {_first_line(error)}") from None
+        raise PipelineError(
+            f"could not load the pipeline in '{path}': {_first_line(error)} (quantdiff reads .safetensors "
+            "weights only; convert .bin weights with diffusers' save_pretrained)"
+        ) from None
     return pipe.to(device)
 
 

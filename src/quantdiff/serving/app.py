@@ -7,7 +7,7 @@ guard and request log are shared. HTTP API::
                          "height"?, "scheduler"?, "batch_size"?, "eta"?, "shift"?}
       200 {"image_png_base64", "images_png_base64", "seed", "seconds", "parameters"}
       400 {"error"}  bad input or incompatible scheduler     503 {"error"}  queue full
-      500 {"error"}  NaN/inf caught by the numerics guard
+      413 {"error"}  body over MAX_BODY_BYTES                 500 {"error"}  NaN/inf caught by the numerics guard
     GET  /api/health    200 {"status": "ok", "model", "quantization", "execution", "compare", "memory"}
 """
 
@@ -23,8 +23,21 @@ from starlette.concurrency import run_in_threadpool
 
 from quantdiff.errors import QuantDiffError
 from quantdiff.generate import png_bytes
+from quantdiff.jsonfile import parse_json
 from quantdiff.serving.schedulers import scheduler_names
-from quantdiff.serving.service import GenerationRequest, GenerationService, NonFiniteError, QueueFullError
+from quantdiff.serving.service import (
+    BodyTooLargeError,
+    GenerationRequest,
+    GenerationService,
+    NonFiniteError,
+    QueueFullError,
+    RequestError,
+)
+
+MAX_BODY_BYTES = 64 * 2**10
+"""Largest /api/generate body: a request at every limit (two 1000-character prompts) is about 2 kB of JSON."""
+MAX_OTHER_BODY_BYTES = 2**20
+"""Largest declared body on every other route (the gradio UI's calls; it takes no uploads)."""
 
 # For models that carry no prompt set of their own (prompts/evaluation.json supplies examples and defaults).
 EXAMPLE_PROMPTS = [
@@ -33,6 +46,7 @@ EXAMPLE_PROMPTS = [
     'a neon sign that says "OPEN LATE" above a rainy street',
 ]
 HISTORY_COLUMNS = ["time", "status", "prompt", "seed", "steps", "scheduler", "seconds", "model", "error"]
+EXECUTION_COLUMNS = ["model", "layer", "path", "why"]
 
 
 def _status(error: Exception) -> int:
@@ -40,12 +54,44 @@ def _status(error: Exception) -> int:
         return 503
     if isinstance(error, NonFiniteError):
         return 500
+    if isinstance(error, BodyTooLargeError):
+        return 413
     return 400
+
+
+async def _read_body(request: Request) -> Any:
+    """The JSON body, read up to :data:`MAX_BODY_BYTES` whatever the client declares (chunked included)."""
+    declared = request.headers.get("content-length", "")
+    too_large = BodyTooLargeError(
+        f"the request body is larger than {MAX_BODY_BYTES // 1024} KiB: send a shorter request"
+    )
+    if declared and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise too_large
+    try:
+        return parse_json(bytes(body))
+    except ValueError as error:  # bad JSON, bad UTF-8, deep nesting, huge integers
+        raise RequestError(f"the request body is not valid JSON ({error})") from None
 
 
 def build_app(service: GenerationService) -> FastAPI:
     """FastAPI app with the HTTP API, and the gradio UI mounted at ``/``."""
     app = FastAPI(title="quantdiff serve")
+
+    @app.middleware("http")
+    async def limit_bodies(request: Request, call_next):
+        declared = request.headers.get("content-length", "")
+        if (
+            request.url.path != "/api/generate"
+            and declared
+            and (not declared.isdigit() or int(declared) > MAX_OTHER_BODY_BYTES)
+        ):
+            return JSONResponse({"error": "the request body is too large"}, status_code=413)
+        return await call_next(request)
 
     @app.get("/api/health")
     def health() -> dict[str, Any]:
@@ -61,11 +107,11 @@ def build_app(service: GenerationService) -> FastAPI:
     @app.post("/api/generate")
     async def generate(request: Request) -> JSONResponse:
         try:
-            body = await request.json()
-        except ValueError:
-            return JSONResponse({"error": "the request body is not valid JSON"}, status_code=400)
-        try:
-            generation = GenerationRequest.from_json(body)
+            try:
+                generation = GenerationRequest.from_json(await _read_body(request))
+            except RequestError as error:
+                service.refuse(error)  # logged like every other answer
+                raise
             result = await run_in_threadpool(service.generate, generation)
         except QuantDiffError as error:
             return JSONResponse({"error": str(error)}, status_code=_status(error))
@@ -104,6 +150,16 @@ def _history_rows(service: GenerationService) -> list[list[Any]]:
             ]
         )
     return rows
+
+
+def _execution_text(service: GenerationService) -> str:
+    """How each quantized model's layers run (auto execution: chosen at the first image, faster path per shape)."""
+    lines = [f"**{slot.name}** · {slot.execution}" for slot in service.slots if slot.execution is not None]
+    return "\n\n".join(lines) or "Floating point: no quantized layers."
+
+
+def _execution_rows(service: GenerationService) -> list[list[str]]:
+    return [[slot.name, *row] for slot in service.slots for row in slot.execution_layers()]
 
 
 def _memory_text(service: GenerationService) -> str:
@@ -182,11 +238,22 @@ def build_ui(service: GenerationService) -> gr.Blocks:
                         other_info = gr.Markdown(elem_id="compare-info")
                         similarity = gr.Markdown(elem_id="similarity")
                     memory = gr.Markdown(_memory_text(service), elem_id="memory")
+                    execution = gr.Markdown(_execution_text(service), elem_id="execution")
+                    with gr.Accordion("Execution per layer (path and why)", open=False):
+                        execution_layers = gr.Dataframe(
+                            value=_execution_rows(service) or None,
+                            headers=EXECUTION_COLUMNS,
+                            elem_id="execution-layers",
+                            interactive=False,
+                        )
         with gr.Tab("History"):
             refresh = gr.Button("Refresh", elem_id="refresh-history")
             history = gr.Dataframe(
                 value=_history_rows(service) or None, headers=HISTORY_COLUMNS, elem_id="history", interactive=False
             )
+
+        def status_outputs() -> list[Any]:  # execution (auto settles at the first image), history
+            return [_execution_text(service), _execution_rows(service) or None, _history_rows(service)]
 
         def run(
             prompt_text,
@@ -234,11 +301,11 @@ def build_ui(service: GenerationService) -> gr.Blocks:
                     used_seed = first.seed
             except QuantDiffError as failure:
                 gr.Warning(str(failure))
-                return [f"**Error:** {failure}", *empty, gr.update(), _memory_text(service), _history_rows(service)]
-            return ["", *outputs, used_seed, _memory_text(service), _history_rows(service)]
+                return [f"**Error:** {failure}", *empty, gr.update(), _memory_text(service), *status_outputs()]
+            return ["", *outputs, used_seed, _memory_text(service), *status_outputs()]
 
         outputs = [error, images, info] + ([other_images, other_info, similarity] if comparing else [])
-        outputs += [seed, memory, history]
+        outputs += [seed, memory, execution, execution_layers, history]
         button.click(
             run,
             inputs=[prompt, negative, seed, randomize, steps, guidance, width, height, scheduler, batch],

@@ -32,6 +32,7 @@ from quantdiff.errors import QuantDiffError
 from quantdiff.evaluation.metrics import psnr, ssim
 from quantdiff.evaluation.prompt_sets import EvaluationSet, read_evaluation_set
 from quantdiff.generate import describe_execution, load_any_pipeline, save_png, step_callback_kwargs
+from quantdiff.nn import execution_summary
 from quantdiff.pipelines.loading import denoiser_of
 from quantdiff.quantize import quantization_info
 from quantdiff.serialization import is_quantized_folder, read_quantized_folder
@@ -54,6 +55,10 @@ def own_prompt_set(path: str | os.PathLike) -> EvaluationSet | None:
 
 class RequestError(QuantDiffError):
     """The request is invalid (HTTP 400)."""
+
+
+class BodyTooLargeError(RequestError):
+    """The HTTP request body is over the server's limit (HTTP 413)."""
 
 
 class QueueFullError(QuantDiffError):
@@ -152,7 +157,7 @@ class ModelSlot:
         device: str = "cpu",
         no_t5: bool = False,
         cpu_offload: bool = False,
-        execution: str = "integer",
+        execution: str = "auto",
         attention: str = "auto",
     ):
         self.path = str(path)
@@ -163,7 +168,7 @@ class ModelSlot:
         self.pipe = load_any_pipeline(
             path, device="cpu" if cpu_offload else device, execution=execution, attention=attention, **extra
         )
-        self.execution = describe_execution(self.pipe)
+        self.execution = describe_execution(self.pipe)  # refreshed after each run: auto chooses at the first call
         if cpu_offload:
             self.pipe.enable_model_cpu_offload(device=device)
         self.pipe.set_progress_bar_config(disable=True)
@@ -208,6 +213,14 @@ class ModelSlot:
             "scheduler": DEFAULT,
         }
 
+    def execution_layers(self) -> list[list[str]]:
+        """One row ``[layer, path, reason]`` per quantized layer of the denoiser (none for a floating-point one):
+        the int8 kernel, the float path or the reference, and why (auto: the timings that chose it)."""
+        _, denoiser = denoiser_of(self.pipe)
+        if quantization_info(denoiser) is None:
+            return []
+        return [[layer.name, layer.path, layer.reason] for layer in execution_summary(denoiser).layers]
+
     def example_prompts(self, count: int = 6) -> list[str] | None:
         """Up to ``count`` prompts from the model's own prompt set (those it was trained on, before held-out
         ones), or ``None`` when it carries none."""
@@ -232,7 +245,7 @@ class GenerationService:
         limits: Limits = Limits(),
         no_t5: bool = False,
         cpu_offload: bool = False,
-        execution: str = "integer",
+        execution: str = "auto",
         attention: str = "auto",
     ):
         self.limits = limits
@@ -403,6 +416,7 @@ class GenerationService:
             with torch.no_grad():
                 output = pipe(**kwargs)
             seconds = time.perf_counter() - started
+            slot.execution = describe_execution(pipe)  # auto execution has now chosen each layer's path
             images = np.asarray(output.images)  # (B, H, W, 3) in [0, 1]
             if not np.isfinite(images).all():
                 raise NonFiniteError(
@@ -475,6 +489,10 @@ class GenerationService:
         line = json.dumps(record, default=str)
         with self._log_lock, self.log_path.open("a") as handle:
             handle.write(line + "\n")
+
+    def refuse(self, error: QuantDiffError) -> None:
+        """Log a request refused before it became a :class:`GenerationRequest` (bad JSON, too large, bad fields)."""
+        self._log({"kind": "generate", "model": self.main.path, "request": {}}, time.time(), error=error)
 
     def history(self, limit: int = 50) -> list[dict[str, Any]]:
         """The last ``limit`` log entries, newest first."""

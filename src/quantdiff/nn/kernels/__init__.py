@@ -39,7 +39,9 @@ class KernelDecision:
     """Which path one layer takes in integer mode, and why.
 
     Attributes:
-        path: ``"integer"`` (a kernel) or ``"reference"`` (fake-quant forward).
+        path: ``"integer"`` (a kernel) or ``"reference"`` (fake-quant forward); in auto execution also
+            ``"float"`` (the reference math on a cached floating-point weight: faster than the kernel for
+            this layer on this CPU) and ``"pending"`` (eligible for the kernel, measured at the first call).
         reason: one line for reports, e.g. ``"int8 oneDNN; pair-safe weights"`` or
             ``"reference: per-group weights (group128) ..."``.
         exact: the path computes what the reference computes (up to fp32 rounding of the rescale);
@@ -198,7 +200,12 @@ def shared_blockers(inputs: KernelInputs) -> list[str]:
 
 
 def select_kernel(
-    inputs: KernelInputs, backend: str = "auto", *, support: Any = None, allow_inexact: bool = False
+    inputs: KernelInputs,
+    backend: str = "auto",
+    *,
+    support: Any = None,
+    allow_inexact: bool = False,
+    build: bool = True,
 ) -> tuple[Kernel | None, KernelDecision]:
     """The kernel one layer runs in integer mode, or None with the reason it keeps the reference path.
 
@@ -207,6 +214,8 @@ def select_kernel(
         backend: ``"auto"`` or a name in :data:`BACKENDS`.
         support: what the CPU's oneDNN kernels can do (:func:`kernel_support`); computed when needed.
         allow_inexact: run layers that a kernel can only compute approximately (see the oneDNN backend).
+        build: False only decides (the kernel is None even where the decision is ``"integer"``): auto
+            execution asks first and builds the kernel only for layers that turn out faster on it.
     """
     if backend == "auto":
         backend = "int_mm" if inputs.weight_q.device.type == "cuda" else "onednn"
@@ -214,9 +223,9 @@ def select_kernel(
         raise ValueError(f"backend {backend!r} is unknown: use one of {', '.join(backend_names())}")
     chosen = BACKENDS[backend]
     if inputs.input_split is not None:
-        return _select_split(chosen, inputs, support, allow_inexact)
+        return _select_split(chosen, inputs, support, allow_inexact, build)
     decision = chosen.decide(inputs, support, allow_inexact)
-    if decision.path != "integer":
+    if decision.path != "integer" or not build:
         return None, decision
     return chosen.build(inputs), decision
 
@@ -266,7 +275,7 @@ class SplitKernel:
 
 
 def _select_split(
-    backend: KernelBackend, inputs: KernelInputs, support: Any, allow_inexact: bool
+    backend: KernelBackend, inputs: KernelInputs, support: Any, allow_inexact: bool, build: bool
 ) -> tuple[Kernel | None, KernelDecision]:
     parts = split_inputs(inputs)
     decisions = [backend.decide(part, support, allow_inexact) for part in parts]
@@ -276,6 +285,8 @@ def _select_split(
     first = decisions[0]
     reason = f"{first.reason}; input split at channel {inputs.input_split}, two kernels"
     exact = all(decision.exact for decision in decisions)
+    if not build:
+        return None, KernelDecision("integer", reason, exact, inputs.weights.packed)
     kernel = SplitKernel(
         backend.build(parts[0]), backend.build(parts[1]), inputs.input_split, -1 if inputs.conv is None else -3
     )

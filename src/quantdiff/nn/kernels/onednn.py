@@ -37,8 +37,9 @@ weights, input scales that change per call), weights or inputs off the CPU, non-
 that need gradients. 4-bit weights with one scale per channel are widened to int8 for the kernel
 (the stored weight stays packed; the kernel's copy is int8).
 
-One behavioural difference: NaN inputs have no uint8 image, so the kernel turns them into an arbitrary
-finite value where the reference path propagates NaN.
+NaN inputs have no uint8 image: the quantized kernel input would hold an arbitrary finite value in their
+place, so a call whose input holds NaN returns an all-NaN output (the reference path propagates NaN to the
+outputs that depend on it), and the numerics guard of ``quantdiff serve`` still sees it.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ import torch
 from torch import Tensor
 
 from quantdiff.nn.kernels import KernelDecision, KernelInputs, shared_blockers
-from quantdiff.primitives import SCALE_EPS, pair_sums
+from quantdiff.primitives import SCALE_EPS, compute_qparams, pair_sums
 
 __all__ = ["IntegerKernel", "KernelSupport", "OneDNNBackend", "kernel_support"]
 
@@ -196,8 +197,6 @@ class OneDNNBackend:
             blockers.append(f"weights on {inputs.weight_q.device} (the oneDNN kernels are CPU only)")
         blockers += shared_blockers(inputs)
         activations = inputs.activations
-        if activations is not None and activations.granularity == "token" and not activations.symmetric:
-            blockers.append("asymmetric per-token inputs (the kernel takes one zero point per call)")
         if inputs.conv is not None and inputs.per_call_input_scale and not support.per_call_scales:
             blockers.append("per-call input scales: this CPU's conv kernel keeps the scale it was packed with")
         if inputs.conv is not None and _conv_args(inputs) is None:
@@ -232,8 +231,9 @@ class IntegerKernel:
 
     Input scales come in three kinds: static (calibrated, held here as Python numbers), per call (the
     layer passes ``(scale, zero_point)``: a timestep group's, or a dynamic per-tensor one) and per token
-    (symmetric dynamic: the kernel runs with scale 1 and zero point 128, and multiplies each output token /
-    pixel by its input's scale, exact because a symmetric scale factors out of the sum).
+    (dynamic: the kernel runs with scale 1 and multiplies each output token / pixel by its input's scale,
+    exact because a per-row scale factors out of the sum; an asymmetric row's zero point ``z`` factors out
+    too, as ``z * sum_k W[n, k]``, a rank-1 term subtracted before the scale).
 
     A plain object, not a module: nothing here is a parameter or buffer, so it is never saved, never moved
     by ``.to()``, and is rebuilt from the layer's buffers (:meth:`OneDNNBackend.build`) when they change.
@@ -257,6 +257,8 @@ class IntegerKernel:
         self.w_scale = inputs.weight_scale.reshape(-1).float().expand(c_out).contiguous()  # (C_out,)
         self.w_zp = torch.zeros(c_out, dtype=torch.int64)
         q = inputs.int8_weight().reshape(inputs.weight_shape)  # (C_out, K) or (C_out, C_in/g, kh, kw)
+        # asymmetric per-token inputs: y = s_x * (w_s * sum_k q_x W - z_x * w_s * sum_k W), per output channel
+        self.w_row_sums = self.w_scale * q.reshape(c_out, -1).sum(dim=1).float()  # (C_out,)
         self.is_conv = inputs.conv is not None
         if self.is_conv:
             self.conv_args = _conv_args(inputs)
@@ -318,12 +320,31 @@ class IntegerKernel:
         y.round_().add_(x_zp).clamp_(self.q_low, self.q_high)
         return y.to(torch.uint8)
 
-    def token_scales(self, x: Tensor, channel: int) -> Tensor:
-        """Symmetric per-token (per-pixel) scales of ``x``, bit-identical to ``compute_qparams`` of its
-        per-token min / max: ``max|x| / q_max`` along the channel dimension, kept for broadcasting."""
-        return (x.abs().amax(dim=channel, keepdim=True) / self.q_max).clamp_min(SCALE_EPS)
+    def token_qparams(self, x: Tensor, channel: int) -> tuple[Tensor, Tensor | int]:
+        """Per-token (per-pixel) ``(scale, zero point)`` of ``x`` as the kernel takes them, bit-identical to
+        ``compute_qparams`` of each token's min / max along the channel dimension, kept for broadcasting.
+        Symmetric: ``max|x| / q_max`` and the fixed uint8 shift; asymmetric: a zero point per token."""
+        if self.symmetric:
+            return (x.abs().amax(dim=channel, keepdim=True) / self.q_max).clamp_min(SCALE_EPS), self.x_zp
+        low, high = x.amin(dim=channel, keepdim=True), x.amax(dim=channel, keepdim=True)
+        return compute_qparams(low, high, self.bits, False)
+
+    def rescale_tokens(self, y: Tensor, scale: Tensor, zero_point: Tensor | int, w_row_sums: Tensor) -> Tensor:
+        """``w_s * sum(q W)`` from a kernel run at scale 1 -> the layer's output: subtract each token's zero
+        point times the weight's row sums (asymmetric), then multiply by the token's scale. In place."""
+        if not self.symmetric:
+            y = y.sub_(zero_point.to(y.dtype) * w_row_sums)  # (..., C_out) - (..., 1) * (C_out,)
+        return y.mul_(scale)
 
     def __call__(self, x: Tensor, bias: Tensor | None, input_qparams: tuple[float, int] | None = None) -> Tensor:
+        y = self._compute(x, bias, input_qparams)
+        # NaN has no uint8 image: the kernel alone would turn it into a finite value and hide it from the
+        # numerics guard downstream. A call whose input holds NaN answers NaN (the whole output).
+        if not torch.compiler.is_compiling() and bool(torch.isnan(x).any()):
+            y = y.add_(float("nan"))
+        return y
+
+    def _compute(self, x: Tensor, bias: Tensor | None, input_qparams: tuple[float, int] | None) -> Tensor:
         if bias is not None and bias.dtype != torch.float32:
             bias = bias.float()
         x_scale, x_zp = self.x_scale, self.x_zp
@@ -331,21 +352,21 @@ class IntegerKernel:
             x_scale, x_zp = self.affine(*input_qparams)
         if not self.is_conv:  # (..., K) -> (..., C_out): the op takes any leading dims
             if self.per_token:
-                scale = self.token_scales(x, -1)  # (..., 1)
-                q = self.quantize(x, scale).contiguous()  # (..., K) uint8
+                scale, zero_point = self.token_qparams(x, -1)  # (..., 1) each
+                q = self.quantize(x, scale, zero_point).contiguous()  # (..., K) uint8
                 y = _qlinear(q, 1.0, self.x_zp, self.packed, self.w_scale, self.w_zp, None)  # w_s * sum(q w)
-                y = y.mul_(scale)
+                y = self.rescale_tokens(y, scale, zero_point, self.w_row_sums)
                 return y if bias is None else y.add_(bias)
             q = self.quantize(x, x_scale, x_zp).contiguous()  # (..., K) uint8
             return _qlinear(q, x_scale, x_zp, self.packed, self.w_scale, self.w_zp, bias)
         unbatched = x.dim() == 3  # nn.Conv2d accepts (C, H, W)
         x4 = x.unsqueeze(0) if unbatched else x  # (N, C_in, H, W)
         if self.per_token:  # a 1x1 convolution: per-pixel scales factor out like per-token ones
-            scale = self.token_scales(x4, 1)  # (N, 1, H, W)
-            y = _qconv(
-                self.quantize(x4, scale), 1.0, self.x_zp, self.packed, self.w_scale, self.w_zp, None, self.conv_args
-            )
-            y = y.mul_(scale) if bias is None else y.mul_(scale).add_(bias[:, None, None])
+            scale, zero_point = self.token_qparams(x4, 1)  # (N, 1, H, W) each
+            q = self.quantize(x4, scale, zero_point)
+            y = _qconv(q, 1.0, self.x_zp, self.packed, self.w_scale, self.w_zp, None, self.conv_args)
+            y = self.rescale_tokens(y, scale, zero_point, self.w_row_sums[:, None, None])
+            y = y if bias is None else y.add_(bias[:, None, None])
         else:
             y = _qconv(
                 self.quantize(x4, x_scale, x_zp),
