@@ -173,7 +173,8 @@ def test_shortcut_split_gives_the_two_parts_their_own_scales(tiny_folders, calib
     calibration, held_out = calibration_sets["sd15"]
     denoiser = _quantized(tiny_folders["sd15"], Recipe("split", W8_INT, A8, algorithms=(ShortcutSplit(),)), calibration)
     splits = concat_split_points(denoiser, architecture_of(denoiser))
-    assert splits["up_blocks.0.resnets.0.conv_shortcut"] == 64 and splits["up_blocks.1.resnets.1.conv1"] == 32
+    assert splits["up_blocks.0.resnets.0.conv_shortcut"] == 64 and splits["up_blocks.1.resnets.1.conv_shortcut"] == 32
+    assert not any(name.endswith("conv1") for name in splits)  # after GroupNorm: the halves are aligned
     for name, at in splits.items():
         layer = denoiser.get_submodule(name)
         assert layer.layer_plan.extras["input_split"] == {"at": at} and layer.input_scale.shape == (2,)

@@ -13,7 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from quantdiff.nn import attention_dtype, native_bf16, use_attention_dtype, use_integer_kernels, use_reference
+from quantdiff.nn import (
+    attention,
+    attention_dtype,
+    native_bf16,
+    use_attention_dtype,
+    use_integer_kernels,
+    use_reference,
+)
 from quantdiff.nn.attention import BF16AttentionProcessor, resolve_attention
 from quantdiff.pipelines.loading import denoiser_of
 from quantdiff.primitives import sqnr_db
@@ -21,15 +28,17 @@ from quantdiff.testing.tiny import build_tiny_pipeline
 
 
 class _RecordSDPA(TorchFunctionMode):
-    """Records the query dtype of every scaled-dot-product attention call."""
+    """Records the query dtype and the QK^T + PV FLOPs of every scaled-dot-product attention call."""
 
     def __init__(self):
         super().__init__()
-        self.dtypes = []
+        self.dtypes, self.flops = [], []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is F.scaled_dot_product_attention:
-            self.dtypes.append(args[0].dtype)
+            query, key = args[0], args[1]  # (B, heads, T_q, d), (B, heads, T_k, d)
+            self.dtypes.append(query.dtype)
+            self.flops.append(4 * query.shape[0] * query.shape[1] * query.shape[2] * key.shape[2] * query.shape[3])
         return func(*args, **(kwargs or {}))
 
 
@@ -96,6 +105,30 @@ def test_bf16_attention_changes_only_sdpa_and_unwraps_exactly(arch):
         assert torch.equal(denoiser(**inputs)[0], reference)
 
 
+@pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd3", "pixart"])
+def test_auto_gives_bf16_to_large_calls_only(arch, monkeypatch):
+    denoiser, inputs = _denoiser_and_inputs(arch)
+    with torch.no_grad(), _RecordSDPA() as fp32_calls:
+        denoiser(**inputs)
+    sizes = sorted(set(fp32_calls.flops))
+    # a threshold between the call sizes this model makes, so that both sides are exercised where it can
+    threshold = sizes[len(sizes) // 2] if len(sizes) > 1 else sizes[0]
+    monkeypatch.setattr(attention, "AUTO_BF16_MIN_FLOPS", float(threshold))
+    use_attention_dtype(denoiser, "bfloat16-large")
+    assert attention_dtype(denoiser) == "bfloat16-large"
+    with torch.no_grad(), _RecordSDPA() as auto_calls:
+        denoiser(**inputs)
+    assert auto_calls.flops == fp32_calls.flops  # the estimate from the module's inputs is the exact call size
+    expected = [torch.bfloat16 if flops >= threshold else torch.float32 for flops in fp32_calls.flops]
+    assert auto_calls.dtypes == expected and torch.bfloat16 in expected
+    if len(sizes) > 1:
+        assert torch.float32 in expected
+    use_attention_dtype(denoiser, "bfloat16")  # forced: every call, whatever its size
+    with torch.no_grad(), _RecordSDPA() as forced_calls:
+        denoiser(**inputs)
+    assert set(forced_calls.dtypes) == {torch.bfloat16} and attention_dtype(denoiser) == "bfloat16"
+
+
 def test_wrapper_keeps_the_inner_signature_for_diffusers_kwargs_routing():
     import inspect
 
@@ -110,7 +143,7 @@ def test_wrapper_keeps_the_inner_signature_for_diffusers_kwargs_routing():
 
 def test_auto_follows_the_cpu_and_integer_mode_sets_and_reference_restores_it(monkeypatch):
     native, flags = native_bf16()
-    assert resolve_attention("auto") == ("bfloat16" if native else "float32"), flags
+    assert resolve_attention("auto") == ("bfloat16-large" if native else "float32"), flags
     assert resolve_attention("float32") == "float32" and resolve_attention("bfloat16") == "bfloat16"
     with pytest.raises(ValueError, match="attention='fp16' is unknown"):
         resolve_attention("fp16")

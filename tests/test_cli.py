@@ -342,7 +342,7 @@ def test_inspect_execution_shows_kernel_paths_and_widened_int4(tiny_folders, tmp
         )
         assert half_bytes - len(quantized) <= extra <= half_bytes + blocking
         assert execution["ratio_vs_fp32"] == pytest.approx(execution["held_bytes"] / totals["fp32_bytes"])
-        assert execution["attention"] == ("bfloat16" if native_bf16()[0] else "float32")
+        assert execution["attention"] == ("bfloat16-large" if native_bf16()[0] else "float32")
     assert main(["inspect", str(out), "--execution", "integer"]) == 0
     table = capsys.readouterr().out
     assert table.splitlines()[0].split()[-2:] == ["cpu", "path"] and "held in integer mode" in table

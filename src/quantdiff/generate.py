@@ -19,6 +19,7 @@ from PIL import Image, PngImagePlugin
 
 from quantdiff.errors import QuantDiffError
 from quantdiff.nn import ATTENTION_CHOICES, EXECUTION_MODES, execution_summary, use_execution
+from quantdiff.nn.attention import describe_attention
 from quantdiff.pipelines.loading import denoiser_of, load_pipeline
 from quantdiff.progress import bars_wanted
 from quantdiff.quantize import quantization_info
@@ -79,7 +80,9 @@ def describe_execution(pipe) -> str | None:
         )
         counts += f", {len(summary.pending)} chosen at their first call" if summary.pending else ""
         counts += f", {len(summary.reference)} on the reference path" if summary.reference else ""
-    return f"{summary.mode} execution: {counts}" + (f", attention in {summary.attention}" if summary.attention else "")
+    return f"{summary.mode} execution: {counts}" + (
+        f", attention in {describe_attention(summary.attention)}" if summary.attention else ""
+    )
 
 
 def generate(

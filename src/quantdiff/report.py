@@ -29,7 +29,7 @@ JSON schema (``inspect --json``)::
         "support": str,           # what this CPU's int8 kernels can do
         "integer_layers": int, "float_layers": int, "reference_layers": int, "widened_layers": int,
         "float_bytes": int,       # auto: fp32 weight copies of the layers on the float path (in held_bytes)
-        "attention": "float32" | "bfloat16" | null,  # SDPA dtype in integer mode (bf16 on native-bf16 CPUs)
+        "attention": "float32" | "bfloat16" | "bfloat16-large" | null,  # SDPA dtype (large calls in bf16 on native-bf16 CPUs)
         "held_bytes": int,        # the denoiser in integer mode: packed kernel copies + tensors still held
         "ratio_vs_fp32": float}
     }
@@ -52,6 +52,7 @@ from typing import Any
 
 from safetensors import safe_open
 
+from quantdiff.nn.attention import describe_attention
 from quantdiff.nn.execution import execution_summary, use_execution
 from quantdiff.pipelines.loading import denoiser_of, read_pipeline_folder
 from quantdiff.plan import QuantPlan, resolve_plan
@@ -259,7 +260,7 @@ def format_totals(report: dict[str, Any]) -> str:
                 else ""
             )
             + f"{execution['reference_layers']} on the reference path; {execution['support']}"
-            + (f"; attention in {execution['attention']}" if execution.get("attention") else ""),
+            + (f"; attention in {describe_attention(execution['attention'])}" if execution.get("attention") else ""),
             f"held in {mode} mode: {_bytes(execution['held_bytes'])} ({execution['ratio_vs_fp32']:.3f}x of fp32)",
         ]
     return "\n".join(lines)

@@ -2,11 +2,12 @@
 
 In a UNet's up blocks each resnet's input is ``cat([hidden, skip], dim=1)``: the deep feature and a skip
 connection from the encoder, whose ranges differ widely (Q-Diffusion measured them bimodal). One per-tensor
-scale must cover the larger of the two, wasting levels on the other. Here the layers that see the join
-(``conv1``, after norm and SiLU, and ``conv_shortcut``; the split points come from the architecture data,
-``pipelines.architectures.concat_split_points``) get the ``input_split`` extra: one calibrated scale for
-channels ``[:at]`` and one for ``[at:]``. Weights keep their per-output-channel scales. On the integer path
-the layer runs as two kernels, one per part, whose outputs add up.
+scale must cover the larger of the two, wasting levels on the other. Here the layers that see the raw join
+(each up resnet's ``conv_shortcut``; ``conv1`` sees it after GroupNorm, which aligns the halves; the split
+points come from the architecture data, ``pipelines.architectures.concat_split_points``) get the
+``input_split`` extra: one calibrated scale for channels ``[:at]`` and one for ``[at:]``. Weights keep their
+per-output-channel scales. On the integer path the layer runs as two kernels, one per part, whose outputs
+add up.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from quantdiff.bench.denoisers import DenoiserSpec, cast_inputs
 from quantdiff.calibration.dataset import CalibrationSet, denoiser_output
 from quantdiff.nn import KernelSupport, kernel_support, native_bf16, use_integer_kernels
+from quantdiff.nn.attention import describe_attention
 from quantdiff.quantize import quantize_denoiser
 from quantdiff.recipe import PRESETS, Recipe
 
@@ -186,7 +187,7 @@ def build_quantdiff(ctx: BuildContext, recipe: Recipe | Callable[[Recipe], Recip
     if on_bf16:
         detail += "; bf16 around the int8 layers"
     elif summary.attention:
-        detail += f"; attention in {summary.attention}"
+        detail += f"; attention in {describe_attention(summary.attention)}"
     built = _eager(model, ctx, path, detail)
     built.counts = {
         "integer_layers": integer,

@@ -5,7 +5,13 @@ what is left of a step. On a CPU with native bf16 matrix instructions (AMX-BF16 
 flash attention runs 2.1-2.5x faster in bf16 than in fp32 at SD shapes, and its output agrees with fp32 to
 48 dB per call, far above the 20-30 dB a W8A8 model is from fp32. Measured on a 2-core Xeon with AMX, SD1.5
 UNet at 64x64: a W8A8 integer step 1.46 s with fp32 attention, 1.09 s with bf16 attention.
-On CPUs without native bf16 (AVX2) it is emulated and slower, so ``"auto"`` keeps fp32 there.
+On CPUs without native bf16 (AVX2) it is emulated and slower, so ``"auto"`` keeps fp32 there. Small
+attention calls lose: the conversion and the mode's per-op Python cost (every op of the processor passes
+through it, quantized projections included: ~260 us per module call on the bundled digits models) outweigh a
+bf16 saving of a few tens of microseconds, so ``"auto"`` gives bf16 only to calls of at least
+:data:`AUTO_BF16_MIN_FLOPS` (``"bfloat16"`` forces it on every call). Measured per SDPA call on the Xeon (1
+thread, fp32 -> bf16 us): 2x8 heads x 1024 x 1024 x 40: 26180 -> 12992 (0.50x); 2x8x4096x77x40: 18710 ->
+16089 (0.86x); 2x8x64x64x160 (21 MFLOP): 452 -> 343; 2x2x64x64x32 (1 MFLOP): 36 -> 48.
 
 How: every diffusers attention module (anything with ``processor`` and ``set_processor``) gets its processor
 wrapped in a :class:`BF16AttentionProcessor`. While the wrapped processor runs, a ``TorchFunctionMode`` turns
@@ -28,7 +34,11 @@ from torch.overrides import TorchFunctionMode
 
 __all__ = [
     "ATTENTION_CHOICES",
+    "ATTENTION_DTYPES",
+    "AUTO_BF16_MIN_FLOPS",
     "BF16AttentionProcessor",
+    "attention_flops",
+    "describe_attention",
     "attention_dtype",
     "native_bf16",
     "resolve_attention",
@@ -36,6 +46,10 @@ __all__ = [
 ]
 
 ATTENTION_CHOICES = ("auto", "float32", "bfloat16")
+# What use_attention_dtype can set: "bfloat16-large" is bf16 for calls of at least AUTO_BF16_MIN_FLOPS only.
+ATTENTION_DTYPES = ("float32", "bfloat16", "bfloat16-large")
+# QK^T + PV multiply-adds x2 of one call from which bf16 pays for the mode around the processor (see above).
+AUTO_BF16_MIN_FLOPS = 64e6
 _BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 # oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) at or above which it may use native bf16 instructions.
 _BF16_ISAS = ("AVX512_CORE_BF16", "AMX", "AVX512_CORE_FP16", "AVX10", "ALL")
@@ -58,12 +72,13 @@ def native_bf16() -> tuple[bool, str]:
 
 
 def resolve_attention(choice: str, device: str = "cpu") -> str:
-    """``"auto"`` -> ``"bfloat16"`` for a model on a CPU with native bf16, else ``"float32"`` (on a GPU the
-    model's own dtype decides); the others as they are."""
+    """``"auto"`` -> ``"bfloat16-large"`` (bf16 for large calls, see :data:`AUTO_BF16_MIN_FLOPS`) for a model
+    on a CPU with native bf16, else ``"float32"`` (on a GPU the model's own dtype decides); the others as they
+    are."""
     if choice not in ATTENTION_CHOICES:
         raise ValueError(f"attention={choice!r} is unknown: use one of {', '.join(ATTENTION_CHOICES)}")
     if choice == "auto":
-        return "bfloat16" if device == "cpu" and native_bf16()[0] else "float32"
+        return "bfloat16-large" if device == "cpu" and native_bf16()[0] else "float32"
     return choice
 
 
@@ -91,32 +106,74 @@ class BF16AttentionProcessor:
     attention module of a model and gives each wrapper the inner processor's call signature.
     """
 
-    def __init__(self, processor: Any):
+    def __init__(self, processor: Any, min_flops: float = 0.0):
         if isinstance(processor, BF16AttentionProcessor):
             processor = processor.processor
         self.processor = processor
+        self.min_flops = min_flops  # calls below this many attention FLOPs run the inner processor as it is
 
     def __call__(self, attn: nn.Module, *args: Any, **kwargs: Any):
+        if self.min_flops and attention_flops(attn, *args, **kwargs) < self.min_flops:
+            return self.processor(attn, *args, **kwargs)
         with _SDPAInBF16():
             return self.processor(attn, *args, **kwargs)
 
     def __repr__(self) -> str:
-        return f"BF16AttentionProcessor({type(self.processor).__name__})"
+        above = f", from {self.min_flops / 1e6:g} MFLOP" if self.min_flops else ""
+        return f"BF16AttentionProcessor({type(self.processor).__name__}{above})"
 
 
-def _wrapped(processor: Any) -> BF16AttentionProcessor:
+def attention_flops(
+    attn: nn.Module,
+    hidden_states: Tensor,
+    encoder_hidden_states: Tensor | None = None,
+    *_,
+    **kw,
+) -> float:
+    """FLOPs of QK^T and PV in one call of a diffusers attention module, from its inputs' shapes.
+
+    Self-attention attends the image tokens to themselves, cross-attention to the text tokens, and joint
+    attention (SD3's MMDiT: modules with ``add_q_proj``) the concatenation of both to itself.
+    """
+    encoder_hidden_states = kw.get("encoder_hidden_states", encoder_hidden_states)
+    if hidden_states.dim() == 4:  # (B, C, H, W): a UNet mid-block attention on a feature map
+        batch, width, tokens = (
+            hidden_states.shape[0],
+            hidden_states.shape[1],
+            hidden_states.shape[2] * hidden_states.shape[3],
+        )
+    else:  # (B, T, C)
+        batch, tokens, width = hidden_states.shape
+    inner = getattr(attn, "inner_dim", None) or width
+    if encoder_hidden_states is None:
+        queries = keys = tokens
+    elif getattr(attn, "add_q_proj", None) is not None:
+        queries = keys = tokens + encoder_hidden_states.shape[1]
+    else:
+        queries, keys = tokens, encoder_hidden_states.shape[1]
+    return 4.0 * batch * queries * keys * inner
+
+
+def _wrapped(processor: Any, min_flops: float = 0.0) -> BF16AttentionProcessor:
     """A wrapper whose ``__call__`` signature is the inner processor's (diffusers routes kwargs by it)."""
     try:
         signature = inspect.signature(type(processor).__call__)
-    except (TypeError, ValueError):  # a processor without an inspectable signature: the generic one
-        return BF16AttentionProcessor(processor)
+    except (
+        TypeError,
+        ValueError,
+    ):  # a processor without an inspectable signature: the generic one
+        return BF16AttentionProcessor(processor, min_flops)
 
     def __call__(self, *args: Any, **kwargs: Any):
         return BF16AttentionProcessor.__call__(self, *args, **kwargs)
 
     __call__.__signature__ = signature
-    cls = type(f"BF16{type(processor).__name__}", (BF16AttentionProcessor,), {"__call__": __call__})
-    return cls(processor)
+    cls = type(
+        f"BF16{type(processor).__name__}",
+        (BF16AttentionProcessor,),
+        {"__call__": __call__},
+    )
+    return cls(processor, min_flops)
 
 
 def _attention_modules(model: nn.Module):
@@ -126,19 +183,23 @@ def _attention_modules(model: nn.Module):
 
 
 def use_attention_dtype(model: nn.Module, dtype: str) -> int:
-    """Run every attention module's scaled-dot-product attention in ``dtype`` (``"bfloat16"`` or ``"float32"``).
+    """Run every attention module's scaled-dot-product attention in ``dtype``: ``"bfloat16"``, ``"float32"``
+    or ``"bfloat16-large"`` (bf16 for calls of at least :data:`AUTO_BF16_MIN_FLOPS`, fp32 below).
 
     ``"float32"`` restores the processors the model had. Idempotent; returns the number of attention modules.
     Weights and ``state_dict`` are untouched.
     """
-    if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"attention dtype {dtype!r} is unknown: use float32 or bfloat16 (or 'auto' upstream)")
+    if dtype not in ATTENTION_DTYPES:
+        raise ValueError(
+            f"attention dtype {dtype!r} is unknown: use one of {', '.join(ATTENTION_DTYPES)} (or 'auto' upstream)"
+        )
+    min_flops = AUTO_BF16_MIN_FLOPS if dtype == "bfloat16-large" else 0.0
     count = 0
     for _, module in _attention_modules(model):
         current = module.processor
         inner = current.processor if isinstance(current, BF16AttentionProcessor) else current
-        wanted = _wrapped(inner) if dtype == "bfloat16" else inner
-        if dtype == "bfloat16" and isinstance(current, BF16AttentionProcessor):
+        wanted = inner if dtype == "float32" else _wrapped(inner, min_flops)
+        if isinstance(current, BF16AttentionProcessor) and dtype != "float32" and current.min_flops == min_flops:
             wanted = current  # already wrapped
         if wanted is not current:
             module.set_processor(wanted)
@@ -147,11 +208,22 @@ def use_attention_dtype(model: nn.Module, dtype: str) -> int:
 
 
 def attention_dtype(model: nn.Module) -> str | None:
-    """``"bfloat16"``, ``"float32"``, ``"mixed"``, or None when the model has no attention modules."""
-    kinds = {
-        "bfloat16" if isinstance(module.processor, BF16AttentionProcessor) else "float32"
-        for _, module in _attention_modules(model)
-    }
+    """``"bfloat16"``, ``"bfloat16-large"``, ``"float32"``, ``"mixed"``, or None when the model has no
+    attention modules."""
+    kinds = {_dtype_of(module.processor) for _, module in _attention_modules(model)}
     if not kinds:
         return None
     return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
+def _dtype_of(processor: Any) -> str:
+    if not isinstance(processor, BF16AttentionProcessor):
+        return "float32"
+    return "bfloat16-large" if processor.min_flops else "bfloat16"
+
+
+def describe_attention(dtype: str) -> str:
+    """A reader's words for an :func:`attention_dtype` value."""
+    if dtype == "bfloat16-large":
+        return f"bfloat16 for calls of {AUTO_BF16_MIN_FLOPS / 1e6:g} MFLOP and more, float32 below"
+    return dtype

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from quantdiff.nn.attention import attention_dtype, resolve_attention, use_attention_dtype
+from quantdiff.nn.attention import attention_dtype, describe_attention, resolve_attention, use_attention_dtype
 from quantdiff.nn.kernels import KernelSupport, kernel_support
 from quantdiff.nn.quantized import EXECUTION_MODES, QuantizedLayer
 
@@ -53,7 +53,7 @@ class ExecutionSummary:
     """Per-layer paths of a model, with what the CPU's int8 kernels can do (``support``).
 
     ``attention`` is the dtype its attention modules compute scaled-dot-product attention in
-    (``"float32"``, ``"bfloat16"``: see :mod:`quantdiff.nn.attention`; None: no attention modules).
+    (``"float32"``, ``"bfloat16"``, ``"bfloat16-large"``: see :mod:`quantdiff.nn.attention`; None: no attention modules).
     """
 
     mode: str
@@ -119,7 +119,7 @@ class ExecutionSummary:
             self.headline()
             + (f", {len(self.inexact)} INEXACT" if self.inexact else "")
             + (f" ({self.support.describe()})" if self.support is not None else "")
-            + (f"; attention in {self.attention}" if self.attention is not None else "")
+            + (f"; attention in {describe_attention(self.attention)}" if self.attention is not None else "")
         ]
         width = max((len(layer.name) for layer in self.layers), default=0)
         shown = self.layers if max_layers is None else self.layers[:max_layers]

@@ -22,6 +22,9 @@ from quantdiff.errors import QuantDiffError
 from quantdiff.testing.tiny import TINY_ARCHITECTURES, build_tiny_pipeline
 
 TINY = tuple(f"tiny-{arch}" for arch in TINY_ARCHITECTURES)
+# models/digits-sd-turbo (the few-step model of issue 17) ships as a training checkpoint to continue from
+# (scripts/train_digits.py --model turbo --init-from ... --stage 1): at 67% alignment it is below the 85% a
+# bundled model must reach (tests/test_bundled_models.py), so it is not a bundled name yet; pass its path.
 TRAINED = ("digits-sd", "digits-sd3")
 BUNDLED = TRAINED + TINY
 
