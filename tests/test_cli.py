@@ -307,9 +307,16 @@ def test_existing_output_is_not_overwritten(quantized_folder, tiny_folders, caps
     assert (quantized_folder / "quantdiff.json").read_text() == before
 
 
-def test_inspect_execution_shows_kernel_paths_and_widened_int4(tiny_folders, tmp_path, capsys):
+def test_inspect_execution_shows_kernel_paths_and_widened_int4(tiny_folders, tmp_path, capsys, monkeypatch, request):
     from kernel_check import KERNELS_EXPECTED, SUPPORT
     from kernel_layout import packed_int8_bounds
+
+    from quantdiff.nn.kernels import packed_support
+
+    # oneDNN's widened int4: the path where the packed kernels cannot run (tests/test_int4_kernels.py has theirs)
+    monkeypatch.setenv("QUANTDIFF_NO_EXTENSION", "1")
+    packed_support.cache_clear()
+    request.addfinalizer(packed_support.cache_clear)  # later tests find the extension again
 
     from quantdiff.nn import native_bf16
     from quantdiff.recipe import Recipe, TensorSpec

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,9 +114,11 @@ def test_eval_end_to_end(untrained_digits_sd, tmp_path, capsys):
     evaluator = load_evaluator()
     real_features = predict(evaluator, render_specs(specs, split="eval", seed=0)).features
     labels = spec_labels(specs)
+    predicted = {}
     for model in report["models"]:
         predictions = predict(evaluator, images[model["name"]])
         heads = (predictions.digit, predictions.foreground, predictions.background)
+        predicted[model["name"]] = [head.argmax(1) for head in heads]  # 3 x (6,) class indices
         hits = np.all([head.argmax(1) == label for head, label in zip(heads, labels, strict=True)], axis=0)
         assert model["metrics"]["alignment"] == pytest.approx(hits.mean(), abs=1e-12)
         p = predictions.digit.astype(np.float64)  # (6, 10) class probabilities
@@ -126,6 +129,7 @@ def test_eval_end_to_end(untrained_digits_sd, tmp_path, capsys):
     a, b = (images[name].astype(np.float64) for name in ("w8a16", "fp"))
     psnr = np.mean([10 * np.log10(255.0**2 / np.mean((x - y) ** 2)) for x, y in zip(a, b, strict=True)])
     assert q["metrics"]["psnr_vs_fp"] == pytest.approx(psnr, rel=1e-9)
+    _alignment_counts_only_images_right_on_every_head(untrained_digits_sd, predicted["fp"], tmp_path)
     assert fp["metrics"]["psnr_vs_fp"] is None and fp["metrics"]["ssim_vs_fp"] is None
     # W8A16 of the same weights stays close to FP on the same seeds.
     assert q["metrics"]["psnr_vs_fp"] > 25 and q["metrics"]["ssim_vs_fp"] > 0.8
@@ -142,6 +146,53 @@ def test_eval_end_to_end(untrained_digits_sd, tmp_path, capsys):
     first = json.loads((out / "report.json").read_text())["models"][0]["metrics"]
     second = json.loads((again / "report.json").read_text())["models"][0]["metrics"]
     assert first == second
+
+
+def _alignment_counts_only_images_right_on_every_head(folder, predicted, tmp_path):
+    """The untrained model's images match no spec on any head, so its alignment is 0 however it is added up. With
+    the same prompt texts (so the same images) and specs set from what the evaluator sees in those images, one
+    head made wrong per image by role, the report must say exactly: 2 of 6 right on all three heads, 4 of 6 on
+    each head. Roles: all right (x2), digit wrong, foreground wrong, background wrong, everything wrong."""
+    import shutil
+
+    from quantdiff.demo.digits.data import COLOURS
+    from quantdiff.evaluation.prompt_sets import EvalPrompt, EvaluationSet, read_calibration_prompts
+
+    digit, fg, bg = (np.asarray(head) for head in predicted)  # (6,) each: what the evaluator predicts
+    both_colours = [i for i in range(6) if fg[i] != bg[i]]  # a spec with both colours right needs them distinct
+    assert len(both_colours) >= 3, (fg, bg)
+    rest = [i for i in range(6) if i not in both_colours[:3]]
+    roles = dict(zip([*both_colours[:3], *rest], ["all", "all", "digit", "fg", "bg", "none"], strict=True))
+
+    def other(*taken):  # a colour index none of ``taken``
+        return next(c for c in range(len(COLOURS)) if c not in taken)
+
+    specs = []
+    for i in range(6):
+        d, f, b = int(digit[i]), int(fg[i]), int(bg[i])
+        role = roles[i]
+        if role in ("digit", "none"):
+            d = (d + 1) % 10
+        if role in ("fg", "none"):
+            f = other(fg[i], b)
+        if role in ("bg", "none"):
+            b = other(bg[i], f)
+        specs.append(DigitSpec(d, COLOURS[f], COLOURS[b]))
+    evaluation = read_evaluation_set(folder)
+    relabelled = Path(shutil.copytree(folder, tmp_path / "relabelled"))
+    prompts = tuple(EvalPrompt(p.text, spec, p.heldout) for p, spec in zip(evaluation.prompts[:6], specs, strict=True))
+    write_prompt_sets(
+        relabelled,
+        read_calibration_prompts(folder),
+        EvaluationSet(prompts, evaluation.steps, evaluation.guidance),
+    )
+    out = tmp_path / "eval-relabelled"
+    assert main(["--quiet", "eval", str(relabelled), "--out", str(out), "--num-images", "6", "--batch-size", "4"]) == 0
+    (fp,) = json.loads((out / "report.json").read_text())["models"]
+    assert fp["metrics"]["alignment"] == pytest.approx(2 / 6, abs=1e-12), (roles, fp["details"])
+    assert fp["details"]["alignment_by_head"] == pytest.approx(
+        {"digit": 4 / 6, "foreground": 4 / 6, "background": 4 / 6}, abs=1e-12
+    )
 
 
 def test_eval_refuses_a_second_floating_point_model(untrained_digits_sd, tmp_path, capsys):

@@ -174,7 +174,7 @@ def test_layers_without_a_kernel_keep_the_reference_path_in_auto_with_the_reason
     torch.manual_seed(0)
     layer, x = nn.Linear(8, 4), torch.randn(2, 8)
     weight_only = quantized_like(layer, x, PRESETS["w8a16"])
-    decision = weight_only.set_execution("auto")
+    decision = weight_only.set_execution("auto", backend="onednn")  # oneDNN has no weight-only kernel
     assert decision.path == "reference" and "weight-only layer" in decision.reason
     with torch.no_grad():
         assert torch.equal(weight_only(x), weight_only.reference_forward(x))

@@ -183,7 +183,7 @@ def test_packed_int4_per_channel_weights_are_widened_for_the_kernel():
     with torch.no_grad():
         reference = quantized(x)
         stored = quantized.weight_q.clone()
-        decision = quantized.set_execution("integer", support=SUPPORT)
+        decision = quantized.set_execution("integer", support=SUPPORT, backend="onednn")
         integer = quantized(x)
     assert stored.dtype == torch.uint8 and stored.numel() == c_out * math.ceil(k / 2)  # stored and saved packed
     assert decision.path == "integer" and decision.widened and "widened to int8" in decision.reason
@@ -209,7 +209,7 @@ def test_layers_the_kernel_cannot_run_fall_back_with_the_reason(recipe, reason):
     quantized = quantized_like(layer, x, PRESETS[recipe])
     with torch.no_grad():
         reference = quantized(x)
-        decision = quantized.set_execution("integer", support=SUPPORT)
+        decision = quantized.set_execution("integer", support=SUPPORT, backend="onednn")
         assert torch.equal(quantized(x), reference)
     assert decision.path == "reference" and reason in decision.reason, decision.reason
     assert quantized.kernel_bytes == 0
@@ -312,7 +312,7 @@ def test_summary_switch_back_and_copies():
     model[0], model[2] = first, second
     with torch.no_grad():
         reference = model(x)
-        summary = use_integer_kernels(model)
+        summary = use_integer_kernels(model, backend="onednn")  # oneDNN alone (auto: the packed backend takes layer 2)
         integer = model(x)
         copied = copy.deepcopy(model)  # the packed oneDNN tensor is not copied: rebuilt on first use
         assert torch.equal(copied(x), integer)

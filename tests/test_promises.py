@@ -79,7 +79,12 @@ def test_noise_mode_replays_the_pipeline_conditioning_on_drawn_latents(tiny_fold
     assert len(calls) == 2 and len(noise) == 2 * 3  # the pipeline stops at its first call, once per prompt
     sample_key = "sample" if arch == "sd15" else "hidden_states"
     replayed = list(noise.replay(denoiser, progress=False))
+    schedule = pipe.scheduler.timesteps  # the sampler's 6 timesteps, set by the pipeline before its first call
+    assert [r.step_index for r in noise] == [0, 2, 5] * 2
     for record, output in zip(noise, replayed, strict=True):
+        assert record.timestep == pytest.approx(float(schedule[record.step_index]), rel=1e-6)
+        timestep = record.inputs["timestep"]  # () on the UNet, (2,) per guidance branch on SD3
+        assert torch.equal(timestep, torch.full_like(timestep, schedule[record.step_index].item())), timestep
         kwargs, _ = calls[record.prompt_index]
         changed = {sample_key: record.inputs[sample_key], "timestep": record.inputs["timestep"]}
         assert not torch.equal(changed[sample_key], kwargs[sample_key])

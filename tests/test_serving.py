@@ -24,6 +24,7 @@ from PIL import Image
 
 from quantdiff.generate import a1111_parameters, parse_a1111_parameters, save_png
 from quantdiff.nn import QuantizedLayer, execution_summary
+from quantdiff.nn.kernels import packed_support
 from quantdiff.serving.schedulers import SchedulerError, make_scheduler, scheduler_names
 from quantdiff.serving.service import (
     GenerationRequest,
@@ -120,16 +121,36 @@ def test_compare_mode_runs_both_models_on_the_same_seed(tiny_folders, tmp_path):
     first, second, similarity = service.compare(GenerationRequest("a cat", steps=3, seed=5))
     assert first.seed == second.seed == 5
     assert first.parameters["quantization"] == "W8A16 (w8a16)" and second.parameters["quantization"] is None
-    # served in auto execution by default; weight-only layers have no int8 kernel, so all keep the reference
-    assert service.slots[0].execution.startswith(
-        "auto execution: 0 of 177 quantized layers on int8 kernels, 177 on the reference path"
-    )
-    assert {path for _, path, _ in service.slots[0].execution_layers()} == {"reference"}
+    # served in auto execution by default; weight-only layers take the packed backend's dequantize kernel or the
+    # float path, whichever was faster at their first call, where it runs; elsewhere they keep the reference
+    paths = {path for _, path, _ in service.slots[0].execution_layers()}
+    if packed_support().dequantize:
+        assert "of 177 quantized layers on int8 kernels" in service.slots[0].execution
+        assert paths <= {"integer", "float"}, paths
+    else:
+        assert service.slots[0].execution.startswith(
+            "auto execution: 0 of 177 quantized layers on int8 kernels, 177 on the reference path"
+        )
+        assert paths == {"reference"}
     assert service.slots[1].execution_layers() == []  # floating point
     assert service.slots[1].execution is None  # floating point
     assert 20 < similarity["psnr"] < float("inf") and 0.5 < similarity["ssim"] < 1.0
+    # the figures are those of the two images shown, recomputed here: PSNR in float64 numpy, SSIM by the metric
+    from quantdiff.evaluation.metrics import ssim
+
+    (image_q,), (image_fp,) = first.images, second.images
+    a, b = np.asarray(image_q, dtype=np.float64), np.asarray(image_fp, dtype=np.float64)  # (H, W, 3) in 0..255
+    assert a.shape == b.shape == (64, 64, 3)
+    assert similarity["psnr"] == pytest.approx(10 * np.log10(255.0**2 / np.mean((a - b) ** 2)), rel=1e-12)
+    assert similarity["ssim"] == pytest.approx(ssim(np.asarray(image_q), np.asarray(image_fp)), rel=1e-12)
     (entry,) = service.history()
     assert entry["kind"] == "compare" and entry["similarity"] == similarity
+    # and those images are what each model makes on its own from the same request and seed
+    alone_q = service.generate(GenerationRequest("a cat", steps=3, seed=5)).images[0]
+    fp_service = GenerationService(tiny_folders["sd15"], log_path=tmp_path / "log-fp.jsonl")
+    alone_fp = fp_service.generate(GenerationRequest("a cat", steps=3, seed=5)).images[0]
+    assert np.array_equal(np.asarray(alone_q), np.asarray(image_q))
+    assert np.array_equal(np.asarray(alone_fp), np.asarray(image_fp))
 
 
 def test_bundled_names_resolve_to_a_cached_folder(tmp_path, monkeypatch):

@@ -116,6 +116,13 @@ def _split_tensors(layer: LayerPlan, params: Mapping[str, Any]) -> dict[str, Ten
     }
 
 
+def _bos_tensors(layer: LayerPlan, params: Mapping[str, Any]) -> dict[str, TensorDecl]:
+    return {
+        "bos_input": TensorDecl((layer.weight_shape[1],), torch.float32),  # (C_in,): the first token's input
+        "bos_output": TensorDecl((layer.out_features,), torch.float32),  # (C_out,): its key / value, in float
+    }
+
+
 LAYER_EXTRAS: Mapping[str, LayerExtra] = MappingProxyType(
     {
         extra.name: extra
@@ -146,6 +153,13 @@ LAYER_EXTRAS: Mapping[str, LayerExtra] = MappingProxyType(
                 _timestep_group_tensors,
                 needs_timestep=True,
                 needs_static_input=True,
+            ),
+            LayerExtra(
+                "bos_kv",
+                "the text's first (BOS) token: its key / value precomputed in floating point, the layer quantized "
+                "(and calibrated) for the other tokens; applied by the attention processor (algorithms/bos_aware.py)",
+                {},
+                _bos_tensors,
             ),
         )
     }
@@ -413,6 +427,8 @@ def _check_extra(layer: LayerPlan, extra: str, params: Mapping[str, Any]) -> Non
         raise ValueError(
             f"layer {layer.name!r}: input_split at={params['at']} must be below its {layer.weight_shape[1]} input channels"
         )
+    if extra == "bos_kv" and layer.layer_type != "Linear":
+        raise ValueError(f"layer {layer.name!r}: extra 'bos_kv' applies to Linear key / value projections only")
     if kind.needs_static_input and not layer.static_input:
         raise ValueError(f"layer {layer.name!r}: extra {extra!r} needs inputs quantized with calibrated scales")
 

@@ -17,9 +17,10 @@ then ``"."``).
 
 Format versions (:data:`FOLDER_FEATURES`): 1 is the original layout; 2 adds layer extras in the plan
 (tensors such as an input pre-scale, a low-rank branch or per-timestep input scales), dynamic activation
-scales, and recipes with algorithms or exact per-layer entries. A folder is written with the lowest version that can express it
-(:mod:`quantdiff.versioning`), so one that uses nothing new stays version 1 and loads in every quantdiff;
-a reader refuses a newer version with "upgrade quantdiff".
+scales, and recipes with algorithms or exact per-layer entries; 3 adds the layer extra ``bos_kv`` (BOS-aware
+text keys and values, whose attention modules get a processor wrapper when loaded). A folder is written with
+the lowest version that can express it (:mod:`quantdiff.versioning`), so one that uses nothing new stays
+version 1 and loads in every quantdiff; a reader refuses a newer version with "upgrade quantdiff".
 
 In ``quantized.safetensors`` a quantized layer ``L`` stores what its plan entry declares
 (:meth:`quantdiff.plan.LayerPlan.stored_tensors`): ``L.weight_q`` (int8/uint8, or two 4-bit values per
@@ -50,6 +51,7 @@ from torch import Tensor, nn
 from quantdiff.atomic import atomic_directory
 from quantdiff.errors import FormatError, RecipeError
 from quantdiff.jsonfile import check_inside, one_line, read_json_object
+from quantdiff.nn.attention import use_bos_aware_attention
 from quantdiff.nn.quantized import QuantizedLayer
 from quantdiff.pipelines.architectures import ARCHITECTURES
 from quantdiff.pipelines.loading import (
@@ -66,7 +68,7 @@ from quantdiff.version import __version__
 from quantdiff.versioning import Feature, check_version, lowest_version
 
 QUANT_METHOD = "quantdiff"
-FORMAT_VERSION = 2  # the newest folder format this quantdiff reads and writes; see the module docstring
+FORMAT_VERSION = 3  # the newest folder format this quantdiff reads and writes; see the module docstring
 FOLDER_FEATURES = (
     Feature("plan.*.extras", 2, "layer extras"),
     Feature("recipe.algorithms", 2, "a recipe with algorithms"),
@@ -74,6 +76,8 @@ FOLDER_FEATURES = (
     Feature("plan.*.activations.dynamic", 2, "dynamic activation scales"),
     Feature("recipe.activations.dynamic", 2, "dynamic activation scales"),
     Feature("recipe.overrides.*.activations.dynamic", 2, "dynamic activation scales"),
+    # Older readers would refuse the unknown extra anyway; the version says "upgrade quantdiff" up front.
+    Feature("plan.*.extras.bos_kv", 3, "BOS-aware text keys / values (precomputed first token)"),
 )
 CONFIG_NAME = "quantdiff.json"
 WEIGHTS_NAME = "quantized.safetensors"
@@ -286,6 +290,7 @@ def load_quantized_denoiser(path: str | os.PathLike, *, device: str | torch.devi
             f"the plan in {folder.path / CONFIG_NAME} cannot be built ({one_line(error)}): re-run quantize"
         ) from None
     _assign(denoiser, tensors, folder.weights_path)
+    use_bos_aware_attention(denoiser)  # layers with a precomputed first token need their attention's wrapper
     denoiser.eval().requires_grad_(False)
     setattr(denoiser, INFO_ATTRIBUTE, folder.info)
     return denoiser.to(device)

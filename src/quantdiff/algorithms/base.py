@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 
 # Modules of the built-in algorithms, imported (and so registered) the first time a `_type` is looked up.
 BUILTIN_ALGORITHMS: tuple[str, ...] = (
+    "quantdiff.algorithms.adaround",
+    "quantdiff.algorithms.bos_aware",
     "quantdiff.algorithms.gptq",
     "quantdiff.algorithms.lowrank",
     "quantdiff.algorithms.shortcut_split",

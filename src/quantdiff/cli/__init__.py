@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from quantdiff.cli import analyze, bench, calibrate, eval, generate, inspect, quantize, serve, tiny
+from quantdiff.cli import analyze, bench, calibrate, eval, generate, inspect, quantize, search, serve, tiny
 from quantdiff.errors import QuantDiffError
 
-VERBS = (calibrate, quantize, generate, inspect, analyze, serve, eval, bench, tiny)
+VERBS = (calibrate, quantize, generate, inspect, analyze, search, serve, eval, bench, tiny)
 
 
 def build_parser() -> argparse.ArgumentParser:

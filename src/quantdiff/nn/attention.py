@@ -37,12 +37,14 @@ __all__ = [
     "ATTENTION_DTYPES",
     "AUTO_BF16_MIN_FLOPS",
     "BF16AttentionProcessor",
+    "BOSAwareAttentionProcessor",
     "attention_flops",
     "describe_attention",
     "attention_dtype",
     "native_bf16",
     "resolve_attention",
     "use_attention_dtype",
+    "use_bos_aware_attention",
 ]
 
 ATTENTION_CHOICES = ("auto", "float32", "bfloat16")
@@ -124,11 +126,7 @@ class BF16AttentionProcessor:
 
 
 def attention_flops(
-    attn: nn.Module,
-    hidden_states: Tensor,
-    encoder_hidden_states: Tensor | None = None,
-    *_,
-    **kw,
+    attn: nn.Module, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None, *_, **kw
 ) -> float:
     """FLOPs of QK^T and PV in one call of a diffusers attention module, from its inputs' shapes.
 
@@ -158,21 +156,14 @@ def _wrapped(processor: Any, min_flops: float = 0.0) -> BF16AttentionProcessor:
     """A wrapper whose ``__call__`` signature is the inner processor's (diffusers routes kwargs by it)."""
     try:
         signature = inspect.signature(type(processor).__call__)
-    except (
-        TypeError,
-        ValueError,
-    ):  # a processor without an inspectable signature: the generic one
+    except (TypeError, ValueError):  # a processor without an inspectable signature: the generic one
         return BF16AttentionProcessor(processor, min_flops)
 
     def __call__(self, *args: Any, **kwargs: Any):
         return BF16AttentionProcessor.__call__(self, *args, **kwargs)
 
     __call__.__signature__ = signature
-    cls = type(
-        f"BF16{type(processor).__name__}",
-        (BF16AttentionProcessor,),
-        {"__call__": __call__},
-    )
+    cls = type(f"BF16{type(processor).__name__}", (BF16AttentionProcessor,), {"__call__": __call__})
     return cls(processor, min_flops)
 
 
@@ -227,3 +218,168 @@ def describe_attention(dtype: str) -> str:
     if dtype == "bfloat16-large":
         return f"bfloat16 for calls of {AUTO_BF16_MIN_FLOPS / 1e6:g} MFLOP and more, float32 below"
     return dtype
+
+
+# ------------------------------------------------------------------------------- BOS-aware cross-attention
+# MixDQ's BOS-aware quantization of the text keys and values (algorithms/bos_aware.py): a causal text encoder
+# (CLIP) gives the first token the same features for every prompt, an outlier that per-tensor input scales
+# would have to cover. So its key and value are computed once in floating point and stored on the projection
+# (the layer extra "bos_kv": ``bos_input`` (C_in,), ``bos_output`` (C_out,)); the quantized projection is
+# calibrated on, and runs on, the other tokens only. At run time a wrapper around the module's processor lends
+# ``to_k`` / ``to_v`` to a helper for the duration of the call, which returns
+# ``cat([bos_output, layer(x[:, 1:])], dim=1)``: the processor (any of diffusers', SDPA or not, with its masks
+# and norms) computes on exactly the tensor the float projection would have given it, nothing of diffusers is
+# copied, and the projections keep their names (state_dict, saving, taps).
+BOS_EXTRA = "bos_kv"
+# A first token within this fraction of the stored BOS input's largest magnitude (per feature) counts as the
+# BOS. Why not 0: the same prompt batch-encoded at another batch size may round differently (fp16 spacing is
+# 2^-10 relative); any real other token differs by order 1.
+BOS_MATCH_TOLERANCE = 1e-3
+
+
+def first_token_matches(first: Tensor, bos_input: Tensor, tolerance: float = BOS_MATCH_TOLERANCE) -> Tensor:
+    """``(B,)`` bool: which rows of ``first`` ``(B, C)`` are the stored BOS input ``(C,)`` within ``tolerance``
+    (relative to the BOS input's largest magnitude)."""
+    bos = bos_input.to(first.dtype)
+    limit = tolerance * float(bos.abs().max())
+    return (first - bos).abs().amax(dim=-1) <= limit  # (B,)
+
+
+def _first_token_output(layer: nn.Module, first: Tensor) -> Tensor:
+    """``(B, C_out)``: the projection of each row's first token ``first`` ``(B, C_in)``: the stored float row
+    where the token is the BOS, else (an empty prompt encoded as zeros, or another encoder's features) the
+    layer itself on that token."""
+    if BOS_EXTRA not in getattr(layer, "extras", {}):
+        return layer(first[:, None, :])[:, 0]  # a float projection, or one quantized with the token as it is
+    out = layer.bos_output.to(first.dtype).expand(first.shape[0], -1)  # (B, C_out)
+    bos_input = layer.bos_input.to(first.dtype)
+    if torch.equal(first, bos_input.expand_as(first)):  # the usual case, in one op: every row is the BOS exactly
+        return out
+    matches = first_token_matches(first, bos_input)
+    if bool(matches.all()):
+        return out
+    others = ~matches
+    if bool(first[others].any()):  # all-zero rows are the zeros-for-empty-prompt convention: expected
+        _warn_once(layer, first[others], layer.bos_input)
+    out = out.clone()
+    out[others] = layer(first[others][:, None, :])[:, 0].to(out.dtype)
+    return out
+
+
+_WARNED: set[int] = set()
+
+
+def _warn_once(layer: nn.Module, first: Tensor, bos_input: Tensor) -> None:
+    import warnings
+
+    if id(layer) in _WARNED:
+        return
+    _WARNED.add(id(layer))
+    spread = float((first - bos_input.to(first.dtype)).abs().max() / bos_input.abs().max())
+    warnings.warn(
+        f"{getattr(layer, 'layer_plan', None) and layer.layer_plan.name or type(layer).__name__}: a text sequence "
+        f"starts with a token other than the BOS its key / value were precomputed for (max |difference| "
+        f"{spread:.3g} of its magnitude); that token runs through the quantized projection, calibrated without it. "
+        "Was the text encoded by another encoder than at calibration?",
+        stacklevel=4,
+    )
+
+
+class _FirstTokenPrecomputed(nn.Module):
+    """Stands in for ``to_k`` / ``to_v`` during one attention call: the first token's row from
+    :func:`_first_token_output`, the other tokens through the projection."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, C_in) -> (B, T, C_out)
+        rest = self.layer(x[:, 1:])  # (B, T - 1, C_out)
+        first = _first_token_output(self.layer, x[:, 0])  # (B, C_out)
+        return torch.cat([first[:, None, :].to(rest.dtype), rest], dim=1)
+
+
+class BOSAwareAttentionProcessor:
+    """Wraps a diffusers attention processor so that a cross-attention's first text token takes the key and
+    value precomputed in floating point (see the section comment above); self-attention calls (no
+    ``encoder_hidden_states``) pass through. Install with :func:`use_bos_aware_attention`."""
+
+    def __init__(self, processor: Any):
+        if isinstance(processor, BOSAwareAttentionProcessor):
+            processor = processor.processor
+        self.processor = processor
+        self._helpers: dict[str, _FirstTokenPrecomputed] = {}  # by projection name, rebuilt if the layer changed
+
+    def __call__(self, attn: nn.Module, hidden_states: Tensor, *args: Any, **kwargs: Any):
+        encoder = kwargs.get("encoder_hidden_states", args[0] if args else None)
+        if encoder is None or encoder.dim() != 3 or encoder.shape[1] < 2:
+            return self.processor(attn, hidden_states, *args, **kwargs)
+        projections = attn._modules
+        lent = {name: projections[name] for name in ("to_k", "to_v")}
+        try:
+            for name, layer in lent.items():
+                helper = self._helpers.get(name)
+                if helper is None or helper.layer is not layer:
+                    helper = self._helpers[name] = _FirstTokenPrecomputed(layer)
+                projections[name] = helper
+            return self.processor(attn, hidden_states, *args, **kwargs)
+        finally:
+            projections.update(lent)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_helpers": {}}  # copies (deepcopy, pickling) rebuild them for their own layers
+
+    def __repr__(self) -> str:
+        return f"BOSAwareAttentionProcessor({type(self.processor).__name__})"
+
+
+def _bos_wrapped(processor: Any) -> BOSAwareAttentionProcessor:
+    """A wrapper whose ``__call__`` signature is the inner processor's (diffusers routes kwargs by it)."""
+    try:
+        signature = inspect.signature(type(processor).__call__)
+    except (TypeError, ValueError):  # a processor without an inspectable signature: the generic one
+        return BOSAwareAttentionProcessor(processor)
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        return BOSAwareAttentionProcessor.__call__(self, *args, **kwargs)
+
+    __call__.__signature__ = signature
+    cls = type(f"BOSAware{type(processor).__name__}", (BOSAwareAttentionProcessor,), {"__call__": __call__})
+    return cls(processor)
+
+
+def bos_aware_modules(model: nn.Module) -> list[str]:
+    """Names of the attention modules whose ``to_k`` or ``to_v`` store a precomputed first token (``bos_kv``)."""
+    return [
+        name
+        for name, module in _attention_modules(model)
+        if any(BOS_EXTRA in getattr(getattr(module, proj, None), "extras", {}) for proj in ("to_k", "to_v"))
+    ]
+
+
+def use_bos_aware_attention(model: nn.Module) -> list[str]:
+    """Wrap the processor of every attention module of :func:`bos_aware_modules` in a
+    :class:`BOSAwareAttentionProcessor` (idempotent); returns their names.
+
+    A bf16 wrapper (:func:`use_attention_dtype`) stays outermost, so switching the attention dtype later
+    keeps this one. Modules that normalize the text across tokens before projecting it (``norm_cross``) are
+    refused: their projection's input is not the encoder's token as it was measured.
+    """
+    names = bos_aware_modules(model)
+    for name in names:
+        module = model.get_submodule(name)
+        if getattr(module, "norm_cross", None) is not None:
+            raise ValueError(
+                f"attention {name!r} normalizes the text before its key / value projections (cross_attention_norm): "
+                "the first token's precomputed key / value would not match; remove bos_aware from the recipe"
+            )
+        current = module.processor
+        holder = current if isinstance(current, BF16AttentionProcessor) else None
+        inner = holder.processor if holder is not None else current
+        if isinstance(inner, BOSAwareAttentionProcessor):
+            continue
+        if holder is not None:
+            holder.processor = _bos_wrapped(inner)  # same signature: the holder's stays right
+        else:
+            module.set_processor(_bos_wrapped(inner))
+    return names

@@ -171,6 +171,7 @@ class QuantizedLayer(nn.Module):
         self._input_taps: OrderedDict[int, Callable[[Tensor], None]] = OrderedDict()
         self._allow_inexact = False
         self._backend = "auto"
+        self._weight_only_dtype = torch.float32
         self._support: KernelSupport | None = None
         self._kernel = None
         self._decision: KernelDecision | None = None  # None: not decided since the last change
@@ -439,6 +440,7 @@ class QuantizedLayer(nn.Module):
         support: KernelSupport | None = None,
         allow_inexact: bool = False,
         backend: str = "auto",
+        weight_only_dtype: torch.dtype = torch.float32,
     ) -> KernelDecision:
         """Choose the reference or the integer path; returns which path the layer will take and why.
 
@@ -450,6 +452,8 @@ class QuantizedLayer(nn.Module):
                 pair-safe on a CPU without VNNI): faster, but wrong. Default: such layers keep the reference.
             backend: ``"auto"`` or a backend of :data:`quantdiff.nn.kernels.BACKENDS` (``"onednn"``,
                 ``"int_mm"``).
+            weight_only_dtype: the dtype a weight-only layer's float op may run in (bfloat16: only where the
+                CPU computes it natively; float32: bit-identical to the reference path).
         """
         if mode not in EXECUTION_MODES:
             raise ValueError(f"execution mode {mode!r} is unknown: use one of {', '.join(EXECUTION_MODES)}")
@@ -459,6 +463,7 @@ class QuantizedLayer(nn.Module):
         self._allow_inexact = allow_inexact
         self._support = support
         self._backend = backend
+        self._weight_only_dtype = weight_only_dtype
         self._drop_kernel()
         return self.execution_decision()
 
@@ -506,6 +511,7 @@ class QuantizedLayer(nn.Module):
             input_split=self.extras.get("input_split", {}).get("at"),
             per_call_input_scale="timestep_groups" in self.extras
             or (self.input_spec is not None and self.input_spec.dynamic and self.input_spec.granularity == "tensor"),
+            float_dtype=self._weight_only_dtype,
         )
 
     @property
@@ -611,7 +617,7 @@ class QuantizedLayer(nn.Module):
             ConvGeometry.of(self) if isinstance(self, QuantizedConv2d) else None,
             tuple(x.shape),
             x.dtype,
-            self.input_spec.describe(),  # bits, symmetry, granularity, dynamic or static
+            None if self.input_spec is None else self.input_spec.describe(),  # weight-only, or bits, symmetry, ...
             self.weight_spec.packed,
             self.extras.get("input_split", {}).get("at"),
             "timestep_groups" in self.extras,
@@ -681,6 +687,8 @@ class QuantizedLayer(nn.Module):
         """This call's input scale and zero point as Python numbers, where they change per call (the kernel
         holds the static ones, and computes per-token ones itself)."""
         spec = self.input_spec
+        if spec is None:  # weight-only: the kernel takes the input as it is
+            return None
         if spec.dynamic and spec.granularity == "tensor":
             scale, zero_point = self.call_input_qparams(x)
             return float(scale), int(zero_point)

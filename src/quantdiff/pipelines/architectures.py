@@ -57,6 +57,18 @@ class Architecture:
         skip_concat: whether up blocks concatenate the skip connections to their input (UNets): the
             input of their resnets' ``conv_shortcut`` joins two tensors of different ranges (Q-Diffusion's
             shortcut splitting, :func:`concat_split_points`).
+        reconstruction_blocks: globs of the modules that block reconstruction (BRECQ / Q-Diffusion,
+            ``algorithms/adaround.py``) optimizes as one unit, matched outermost first
+            (:func:`reconstruction_blocks_of`); quantized layers outside every block are reconstructed alone.
+        text_kv: globs of the key / value projections whose input is the text encoder's output, token by
+            token (cross-attention ``to_k`` / ``to_v``): where BOS-aware quantization may precompute the first
+            token's key and value (``algorithms/bos_aware.py``; whether it applies is measured, not assumed).
+        text_kv_note: what applies to this architecture's text keys and values, and why (shown when
+            ``text_kv`` is empty and BOS-aware quantization is asked for).
+        content_layers: globs of the layers that shape an image's *content* (MixDQ: cross-attention and
+            feed-forward), whose sensitivity is measured on generated images; every other layer shapes its
+            *quality* and is measured by the denoiser output's SQNR (``algorithms/sensitivity.py``).
+        search_protected: layers a bit-width search keeps at 8 bits when the recipe quantizes them, with why.
     """
 
     name: str
@@ -67,6 +79,11 @@ class Architecture:
     default_ignore: tuple[IgnoreRule, ...]
     norm_feeds: tuple[NormFeeds, ...] = ()
     skip_concat: bool = False
+    reconstruction_blocks: tuple[str, ...] = ()
+    text_kv: tuple[str, ...] = ()
+    text_kv_note: str = ""
+    content_layers: tuple[str, ...] = ()
+    search_protected: tuple[IgnoreRule, ...] = ()
 
 
 # Shared reasons, so the same decision reads the same everywhere.
@@ -83,6 +100,13 @@ _UNET_IGNORE = (
     IgnoreRule("time_embedding.*", _TIME),
 )
 
+# Q-Diffusion's blocks in a UNet: each resnet (ResBlock) and each transformer block inside the Transformer2DModels
+# (BasicTransformerBlock); the transformers' proj_in / proj_out, the down/upsampler convs and embedding layers are
+# reconstructed layer by layer. A whole Transformer2DModel would be one unit of up to 10 blocks in SDXL.
+_UNET_BLOCKS = ("*.resnets.*", "*.transformer_blocks.*")
+# A DiT's blocks: each (joint) transformer block.
+_DIT_BLOCKS = ("transformer_blocks.*",)
+
 # diffusers' Transformer2DModel in the UNet: GroupNorm -> proj_in, and in each BasicTransformerBlock (norm type
 # "layer_norm") affine LayerNorms before self-attention, cross-attention (query only: key and value take the
 # text) and the feed-forward. The resnets' norms are followed by SiLU: nothing folds there.
@@ -95,6 +119,18 @@ _UNET_NORM_FEEDS = (
     NormFeeds("*.transformer_blocks.*.norm3", ("ff.net.0.proj",), "LayerNorm before the feed-forward"),
 )
 
+# MixDQ's metric-decoupled groups: "'ff' in name or 'attn2' in name" is content, everything else quality.
+_UNET_CONTENT = ("*.attn2.*", "*.ff.*")
+_UNET_TEXT_KV = ("*.attn2.to_k", "*.attn2.to_v")  # cross-attention reads encoder_hidden_states as it is
+_UNET_TEXT_KV_NOTE = (
+    "cross-attention to_k / to_v read the CLIP text encoder's output token by token; CLIP is causal, so its "
+    "first (BOS) token is the same for every prompt (measured on the calibration data before it is used)"
+)
+_UNET_PROTECTED = (
+    IgnoreRule("conv_in", _FIRST),
+    IgnoreRule("conv_out", _LAST),
+)
+
 SD15 = Architecture(
     name="sd15",
     title="Stable Diffusion 1.x / 2.x UNet",
@@ -104,6 +140,11 @@ SD15 = Architecture(
     default_ignore=_UNET_IGNORE,
     norm_feeds=_UNET_NORM_FEEDS,
     skip_concat=True,
+    reconstruction_blocks=_UNET_BLOCKS,
+    text_kv=_UNET_TEXT_KV,
+    text_kv_note=_UNET_TEXT_KV_NOTE,
+    content_layers=_UNET_CONTENT,
+    search_protected=_UNET_PROTECTED,
 )
 
 SDXL = Architecture(
@@ -121,6 +162,11 @@ SDXL = Architecture(
     ),
     norm_feeds=_UNET_NORM_FEEDS,
     skip_concat=True,
+    reconstruction_blocks=_UNET_BLOCKS,
+    text_kv=_UNET_TEXT_KV,
+    text_kv_note=_UNET_TEXT_KV_NOTE,
+    content_layers=_UNET_CONTENT,
+    search_protected=_UNET_PROTECTED,
 )
 
 # SD3's and PixArt's block norms are adaLN: scaled and shifted per timestep (AdaLayerNormZero / the
@@ -142,6 +188,26 @@ SD3 = Architecture(
         IgnoreRule("norm_out.linear", "final adaLN modulation: scales the output of the last layer"),
         IgnoreRule("proj_out", _LAST),
     ),
+    reconstruction_blocks=_DIT_BLOCKS,
+    text_kv_note=(
+        "none: SD3's joint attention concatenates the CLIP-L/G tokens (zero-padded) and the T5 tokens with the "
+        "image tokens; its text keys and values (attn.add_k_proj / add_v_proj) read the text stream after the "
+        "timestep- and pooled-prompt-modulated norm1_context, and from the second block on after joint attention "
+        "has mixed image and prompt into every text token, so no text token is constant at any K/V input. Only "
+        "context_embedder sees the raw CLIP BOS token, and it stays in floating point by default"
+    ),
+    # The text stream's projections are where the prompt enters joint attention; with the feed-forwards
+    # they are the content group (the image stream's q/k/v attend to text too, but carry the image).
+    content_layers=(
+        "transformer_blocks.*.ff.*",
+        "transformer_blocks.*.ff_context.*",
+        "transformer_blocks.*.attn.add_*_proj",
+        "transformer_blocks.*.attn.to_add_out",
+    ),
+    search_protected=(
+        IgnoreRule("pos_embed.proj", "patch-embedding conv: " + _FIRST),
+        IgnoreRule("proj_out", _LAST),
+    ),
 )
 
 PIXART = Architecture(
@@ -157,6 +223,20 @@ PIXART = Architecture(
             "caption_projection.*",
             "projects the T5 caption embeddings, whose outlier channels break per-tensor int8 (ViDiT-Q keeps the y-embedder in FP)",
         ),
+        IgnoreRule("proj_out", _LAST),
+    ),
+    reconstruction_blocks=_DIT_BLOCKS,
+    # Cross-attention reads the T5 caption features after caption_projection (a per-token MLP). T5 is a
+    # bidirectional encoder without a BOS token, so its first token depends on the whole prompt: BOS-aware
+    # quantization is measured here and refused with the numbers (see algorithms/bos_aware.py).
+    text_kv=("transformer_blocks.*.attn2.to_k", "transformer_blocks.*.attn2.to_v"),
+    text_kv_note=(
+        "cross-attention to_k / to_v read the T5 caption features; T5 is bidirectional and has no BOS token, so "
+        "the first token is expected to vary with the prompt (measured on the calibration data)"
+    ),
+    content_layers=("transformer_blocks.*.attn2.*", "transformer_blocks.*.ff.*"),
+    search_protected=(
+        IgnoreRule("pos_embed.proj", "patch-embedding conv: " + _FIRST),
         IgnoreRule("proj_out", _LAST),
     ),
 )
@@ -194,6 +274,23 @@ def concat_split_points(denoiser: nn.Module, architecture: Architecture) -> dict
                 splits[f"up_blocks.{i}.resnets.{j}.conv_shortcut"] = hidden
             hidden = int(resnet.out_channels)
     return splits
+
+
+def reconstruction_blocks_of(denoiser: nn.Module, architecture: Architecture) -> list[str]:
+    """Qualified names of the modules matching ``architecture.reconstruction_blocks``, outermost only (a match
+    inside an earlier match is part of it), in module order."""
+    blocks: list[str] = []
+    for name, _ in denoiser.named_modules():
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in architecture.reconstruction_blocks) and not any(
+            name.startswith(block + ".") for block in blocks
+        ):
+            blocks.append(name)
+    return blocks
+
+
+def layers_matching(names, patterns: tuple[str, ...]) -> list[str]:
+    """The ``names`` (qualified layer names, in their order) that match any of the globs ``patterns``."""
+    return [name for name in names if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)]
 
 
 def architecture_of(denoiser: nn.Module) -> Architecture:

@@ -12,11 +12,14 @@ Backends:
 
 * ``"onednn"`` (:mod:`quantdiff.nn.kernels.onednn`): oneDNN's int8 conv / linear on x86 CPUs;
 * ``"int_mm"`` (:mod:`quantdiff.nn.kernels.int_mm`): ``torch._int_mm`` int8 GEMM, the CUDA path (its math
-  also runs, slowly, on the CPU, which is how the tests check it).
+  also runs, slowly, on the CPU, which is how the tests check it);
+* ``"packed"`` (:mod:`quantdiff.nn.kernels.packed`): 4-bit and per-group weights kept packed, on AMX int8
+  tiles, and weight-only layers dequantized per call into a reused buffer (a C++ extension built on first use).
 
-``"auto"`` picks ``int_mm`` for weights on CUDA and ``onednn`` otherwise. A new backend is one module with a
-class that has ``name``, ``decide(inputs, support, allow_inexact)`` and ``build(inputs)``, registered with
-:func:`register_backend` at the bottom of this file.
+``"auto"`` picks ``int_mm`` for weights on CUDA; on the CPU ``packed`` for 4-bit, per-group and weight-only
+layers where it can take them (else ``onednn``, with packed's reason) and ``onednn`` for the others. A new
+backend is one module with a class that has ``name``, ``decide(inputs, support, allow_inexact)`` and
+``build(inputs)``, registered with :func:`register_backend` at the bottom of this file.
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ class KernelDecision:
         reason: one line for reports, e.g. ``"int8 oneDNN; pair-safe weights"`` or
             ``"reference: per-group weights (group128) ..."``.
         exact: the path computes what the reference computes (up to fp32 rounding of the rescale);
-            False only for an integer layer that can saturate and was allowed to run anyway.
+            False only for an integer layer that can saturate and was allowed to run anyway. (A weight-only
+            layer has no integers to match: its reason names the dtype its float op runs in.)
         widened: the stored 4-bit weight is widened to int8 for the kernel.
     """
 
@@ -109,6 +113,8 @@ class KernelInputs:
             tensor): the layer passes each call's ``(scale, zero_point)`` to the kernel.
         input_split: the input is ``cat([a, b])`` along channels with one scale per part (``input_scale``
             ``(2,)``); ``at`` is the number of channels of ``a``.
+        float_dtype: the dtype a weight-only layer's float op may run in: ``torch.bfloat16`` where the caller
+            allows it (``use_integer_kernels(weight_only=...)``), else float32, exact.
     """
 
     weight_q: Tensor
@@ -121,6 +127,7 @@ class KernelInputs:
     conv: ConvGeometry | None
     per_call_input_scale: bool = False
     input_split: int | None = None
+    float_dtype: torch.dtype = torch.float32
 
     @property
     def c_out(self) -> int:
@@ -218,7 +225,12 @@ def select_kernel(
             execution asks first and builds the kernel only for layers that turn out faster on it.
     """
     if backend == "auto":
-        backend = "int_mm" if inputs.weight_q.device.type == "cuda" else "onednn"
+        if inputs.weight_q.device.type == "cuda":
+            backend = "int_mm"
+        elif "packed" in BACKENDS and BACKENDS["packed"].claims(inputs):
+            return _select_packed_first(inputs, support, allow_inexact, build)
+        else:
+            backend = "onednn"
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is unknown: use one of {', '.join(backend_names())}")
     chosen = BACKENDS[backend]
@@ -228,6 +240,21 @@ def select_kernel(
     if decision.path != "integer" or not build:
         return None, decision
     return chosen.build(inputs), decision
+
+
+def _select_packed_first(
+    inputs: KernelInputs, support: Any, allow_inexact: bool, build: bool
+) -> tuple[Kernel | None, KernelDecision]:
+    """``auto`` on the CPU for 4-bit, per-group and weight-only layers: the packed kernels, else oneDNN (which
+    takes per-channel 4-bit weights widened to int8), else the reference path with both reasons."""
+    kernel, decision = select_kernel(inputs, "packed", allow_inexact=allow_inexact, build=build)
+    if decision.path == "integer":
+        return kernel, decision
+    why = decision.reason.removeprefix("reference: ")
+    kernel, fallback = select_kernel(inputs, "onednn", support=support, allow_inexact=allow_inexact, build=build)
+    if fallback.path == "integer":
+        return kernel, dataclasses.replace(fallback, reason=f"{fallback.reason} ({why})")
+    return None, KernelDecision("reference", f"{fallback.reason}; {why}", fallback.exact)
 
 
 def split_inputs(inputs: KernelInputs) -> tuple[KernelInputs, KernelInputs]:
@@ -295,9 +322,11 @@ def _select_split(
 
 from quantdiff.nn.kernels.int_mm import Int8MatmulKernel, IntMMBackend  # noqa: E402
 from quantdiff.nn.kernels.onednn import IntegerKernel, KernelSupport, OneDNNBackend, kernel_support  # noqa: E402
+from quantdiff.nn.kernels.packed import PackedBackend, PackedSupport, packed_support  # noqa: E402
 
 register_backend(OneDNNBackend())
 register_backend(IntMMBackend())
+register_backend(PackedBackend())
 
 __all__ = [
     "BACKENDS",
@@ -309,8 +338,10 @@ __all__ = [
     "KernelDecision",
     "KernelInputs",
     "KernelSupport",
+    "PackedSupport",
     "backend_names",
     "kernel_support",
+    "packed_support",
     "register_backend",
     "select_kernel",
     "shared_blockers",
