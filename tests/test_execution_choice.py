@@ -194,3 +194,27 @@ def test_auto_layers_save_the_same_tensors_and_copy():
     assert copied.float_weight_bytes == 0
     with torch.no_grad():
         assert torch.equal(copied(x), y)
+
+
+def test_fused_input_fake_quantization_is_bit_identical_to_the_five_ops():
+    """The C++ one-pass fake-quantization of the float path against the torch ops it replaces, on values that
+    hit every corner: exact .5 ties (round half to even), -0.0 (the "+ 0" makes it +0.0), both clamp bounds,
+    NaN (kept) and +-inf (clamped), at 8 and 4 bits, asymmetric ranges; sizes around the parallel grain."""
+    from quantdiff.nn.kernels.packed import packed_support
+    from quantdiff.nn.quantized import fused_fake_quantize
+
+    fused = fused_fake_quantize()
+    if fused is None:
+        pytest.skip(f"the C++ extension is not built here: {packed_support().reason}")
+    torch.manual_seed(0)
+    scale = 0.0371
+    corners = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -0.0, 0.0, -0.3, 1e9, -1e9]) * scale
+    special = torch.tensor([float("nan"), float("inf"), float("-inf")])
+    for numel in (7, 4099, (1 << 16) + 33):
+        x = torch.cat([corners, special, torch.randn(numel) * 6 * scale])  # about +-20 steps: clamps at 4 bits
+        for low, high in ((-128 - 3, 127 - 3), (-8 + 2, 7 + 2), (0, 255)):
+            expected = (x / scale).round_().add_(0.0).clamp_(low, high).mul_(scale)
+            got = fused(x, scale, low, high)
+            assert torch.equal(got.view(torch.int32), expected.view(torch.int32)), (numel, low, high)
+    views = torch.randn(4, 6, 5).transpose(0, 2)  # non-contiguous input: same values, contiguous output
+    assert torch.equal(fused(views, scale, -128, 127), (views / scale).round().add(0.0).clamp(-128, 127) * scale)

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from quantdiff.algorithms.base import AlgorithmConfig, QuantizationContext, Stage, check_number, register_algorithm
 from quantdiff.calibration.dataset import CalibrationSet, denoiser_output
-from quantdiff.calibration.taps import BlockCall, Taps
+from quantdiff.calibration.taps import BlockCall, Taps, detached_copy
 from quantdiff.errors import RecipeError
 from quantdiff.nn.weights import QuantizedWeight, dequantize_weight, quantize_weight
 from quantdiff.pipelines.architectures import reconstruction_blocks_of
@@ -397,9 +397,9 @@ def record_units(
     def tap(call: BlockCall, unit: Unit) -> None:
         nonlocal count
         if keep == "inputs":
-            calls[unit.name].append(BlockCall(_detached(call.args), _detached(call.kwargs), None))
+            calls[unit.name].append(BlockCall(detached_copy(call.args), detached_copy(call.kwargs), None))
         else:
-            calls[unit.name].append(BlockCall((), {}, _detached(call.output)))
+            calls[unit.name].append(BlockCall((), {}, detached_copy(call.output)))
         if unit is last:
             count += 1
             if count == unit.calls_per_record:
@@ -691,18 +691,6 @@ def spread_over_timesteps(timesteps: Sequence[float], count: int, seed: int = 0)
 
 
 # ----------------------------------------------------------------------------------- call structures
-def _detached(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {key: _detached(item) for key, item in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_detached(item) for item in value)
-    if hasattr(value, "sample") and isinstance(value.sample, Tensor):  # diffusers output dataclasses
-        return _detached(denoiser_output(value))
-    return value
-
-
 def _nbytes(value: Any) -> int:
     return sum(leaf.numel() * leaf.element_size() for leaf in _flatten(value)[1] if isinstance(leaf, Tensor))
 

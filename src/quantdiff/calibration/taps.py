@@ -234,7 +234,9 @@ def record_block_io(
     record_bytes = 0
 
     def keep(call: BlockCall) -> None:
-        recorded.calls.append(BlockCall(_detached(call.args), _detached(call.kwargs), _detached(call.output)))
+        recorded.calls.append(
+            BlockCall(detached_copy(call.args), detached_copy(call.kwargs), detached_copy(call.output))
+        )
 
     with Taps(denoiser) as taps:
         taps.on_block(name, keep)
@@ -264,15 +266,16 @@ def _even_spread(total: int, count: int) -> list[int]:
     return sorted({round(i * (total - 1) / max(count - 1, 1)) for i in range(count)})
 
 
-def _detached(value: Any) -> Any:
+def detached_copy(value: Any) -> Any:
+    """``value`` (tensors, nested in dicts / tuples / lists / diffusers outputs) as detached CPU copies."""
     if isinstance(value, Tensor):
         return value.detach().to("cpu", copy=True)
     if isinstance(value, Mapping):
-        return {key: _detached(item) for key, item in value.items()}
+        return {key: detached_copy(item) for key, item in value.items()}
     if isinstance(value, (tuple, list)):
-        return type(value)(_detached(item) for item in value)
+        return type(value)(detached_copy(item) for item in value)
     if hasattr(value, "sample") and isinstance(value.sample, Tensor):  # diffusers output dataclasses
-        return _detached(denoiser_output(value))
+        return detached_copy(denoiser_output(value))
     return value
 
 

@@ -18,6 +18,9 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+DEFAULT_CALIBRATION_STEPS = 25  # sampler steps per calibration prompt where the model names none
+
+
 def add_calibration_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("calibration")
     group.add_argument(
@@ -31,7 +34,11 @@ def add_calibration_options(parser: argparse.ArgumentParser) -> None:
         default="trajectory",
         help="run the sampler (trajectory) or pair real text conditioning with Gaussian latents (noise)",
     )
-    group.add_argument("--steps", type=int, default=25, help="sampler steps per calibration prompt (default 25)")
+    group.add_argument(
+        "--steps",
+        type=int,
+        help=f"sampler steps per calibration prompt (default: the model's evaluation steps, else {DEFAULT_CALIBRATION_STEPS})",
+    )
     group.add_argument(
         "--num-timesteps",
         default="8",
@@ -98,10 +105,10 @@ def capture(args, pipe, model: str):
 
     own = None if args.prompts else read_calibration_prompts(model)
     prompts = own or read_prompts(args.prompts)
-    guidance = args.guidance
-    if guidance is None:  # calibrate at the guidance the model is meant to be used with, where it says so
-        evaluation = read_evaluation_set(model)
-        guidance = None if evaluation is None else evaluation.guidance
+    # calibrate at the guidance and step count the model is meant to be used with, where it says so
+    evaluation = read_evaluation_set(model) if args.guidance is None or args.steps is None else None
+    guidance = args.guidance if args.guidance is not None else getattr(evaluation, "guidance", None)
+    steps = args.steps if args.steps is not None else getattr(evaluation, "steps", None) or DEFAULT_CALIBRATION_STEPS
     if args.num_prompts is not None:
         if args.num_prompts < 1:
             raise QuantDiffError(f"--num-prompts must be at least 1, got {args.num_prompts}")
@@ -109,7 +116,7 @@ def capture(args, pipe, model: str):
     return capture_calibration(
         pipe,
         prompts,
-        num_inference_steps=args.steps,
+        num_inference_steps=steps,
         num_timesteps=num_timesteps(args.num_timesteps),
         guidance_scale=guidance,
         height=args.height,

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import math
 import time
 import warnings
@@ -118,6 +119,16 @@ KERNEL_WITHOUT_TIMING_MACS = 64_000_000
 # primitive then). Layers below the threshold above take microseconds to about a millisecond a call: at least
 # _MIN_CALLS each, then until _BUDGET_SECONDS are spent, at most _MAX_CALLS, cost a few ms per distinct shape.
 _MIN_CALLS, _MAX_CALLS, _BUDGET_SECONDS = 3, 9, 0.01
+
+
+@functools.cache
+def fused_fake_quantize() -> Callable[[Tensor, float, int, int], Tensor] | None:
+    """``(x, scale, low, high) -> clamp(round(x / scale) + 0, low, high) * scale`` in one pass, bit-identical to
+    the float path's five torch ops (the packed kernels' C++ extension: ``quantdiff_packed::fake_quantize``), or
+    None where the extension is not built (``packed_support().reason`` says why; the five ops then run)."""
+    from quantdiff.nn.kernels.packed import packed_support
+
+    return torch.ops.quantdiff_packed.fake_quantize.default if packed_support().dequantize else None
 
 
 def _time_paths(run_kernel: Callable[[], Tensor], run_float: Callable[[], Tensor]) -> tuple[PathTiming, Tensor, Tensor]:
@@ -577,6 +588,9 @@ class QuantizedLayer(nn.Module):
         if fixed is not None and x.dtype == torch.float32 and not (x.requires_grad and torch.is_grad_enabled()):
             # the common case with its numbers looked up once: small layers pay per Python step (see below)
             scale, low, high = fixed
+            fused = fused_fake_quantize()
+            if fused is not None:  # one pass of the C++ extension instead of five dispatches
+                return self._op(fused(x, scale, low, high), self._float_weight, self.bias)
             q = x / scale  # (..., like x)
             return self._op(q.round_().add_(0.0).clamp_(low, high).mul_(scale), self._float_weight, self.bias)
         return self._op(self._fast_quantized_input(x), self._float_weight.to(x.dtype), _cast(self.bias, x))
@@ -652,6 +666,7 @@ class QuantizedLayer(nn.Module):
         y_kernel = y_float = None
         if timing is None:
             self._float_weight = self.dequantized_weight()  # (C_out, C_in / groups, ...) fp32
+            self._float_fixed = self._float_constants()  # time the float path as it would run
             timing, y_kernel, y_float = _time_paths(lambda: self._kernel_op(x), lambda: self._float_op(x))
             MEASURED_PATHS[key] = timing
             measured = f"{timing.calls} calls each"
@@ -660,24 +675,25 @@ class QuantizedLayer(nn.Module):
         if timing.float_wins:
             self._take_float_path(f"float: {timing.describe()} at input {shape} ({measured})")
             return y_float
-        self._float_weight = None
+        self._float_weight = self._float_fixed = None
         self._decision = dataclasses.replace(
             eligible, reason=f"{eligible.reason}; faster here: {timing.describe()} at input {shape} ({measured})"
         )
         return y_kernel if y_kernel is not None else self._kernel_op(x)
 
+    def _float_constants(self) -> tuple[float, int, int] | None:
+        """The float path's input quantization as Python numbers, where it is one static scale."""
+        spec = self.input_spec
+        if spec is None or not self.layer_plan.static_input or {"input_split", "timestep_groups"} & set(self.extras):
+            return None
+        low, high = integer_range(spec.bits, spec.symmetric)
+        scale, zero_point = self._input_scalars()
+        return scale, low - zero_point, high - zero_point
+
     def _take_float_path(self, reason: str) -> None:
         if self._float_weight is None:
             self._float_weight = self.dequantized_weight()  # (C_out, C_in / groups, ...) fp32
-        spec = self.input_spec
-        if (
-            spec is not None
-            and self.layer_plan.static_input
-            and not {"input_split", "timestep_groups"} & set(self.extras)
-        ):
-            low, high = integer_range(spec.bits, spec.symmetric)
-            scale, zero_point = self._input_scalars()
-            self._float_fixed = (scale, low - zero_point, high - zero_point)
+        self._float_fixed = self._float_constants()
         if self._kernel is not None:  # the float path keeps weight_q: take it back from the kernel
             self._buffers["weight_q"] = self.integer_weight()
             self._kernel = None

@@ -53,6 +53,7 @@ from torch import Tensor
 
 from quantdiff.nn.attention import native_bf16
 from quantdiff.nn.kernels import KernelDecision, KernelInputs, shared_blockers
+from quantdiff.nn.kernels.onednn import IntegerKernel
 
 __all__ = [
     "DequantizeKernel",
@@ -442,14 +443,7 @@ class PackedKernel:
         held = [self.tiles, self.rowsums] + ([self.segments] if self.is_conv else [])
         return sum(t.numel() * t.element_size() for t in held)
 
-    @staticmethod
-    def accepts(x: Tensor) -> bool:
-        return (
-            x.dtype == torch.float32
-            and x.device.type == "cpu"
-            and x.numel() > 0
-            and not (x.requires_grad and torch.is_grad_enabled())
-        )
+    accepts = staticmethod(IntegerKernel.accepts)  # the same inputs as oneDNN's kernel
 
     def __call__(self, x: Tensor, bias: Tensor | None, input_qparams: tuple[float, int] | None = None) -> Tensor:
         x_scale, x_zp = self.x_scale, self.x_zp

@@ -11,6 +11,8 @@
 // * quantdiff::dequantize_into: stored 4/8-bit weights -> (q - z) * s into a caller-owned fp32 buffer (the same
 //   arithmetic as quantdiff.primitives.dequantize, bit for bit) or bf16 buffer (that value rounded to nearest
 //   even), for weight-only layers.
+// * quantdiff::fake_quantize: the float path's input fake-quantization in one pass (auto execution, small
+//   layers where the float op beats the kernel).
 //
 // Weight layout (built in Python, packed.py: pack_tiles): blocks of 16 output channels x 64 reduction values;
 // inside a block the int8 tile is AMX's "VNNI" B layout, byte r*64 + j*4 + i = W[n0 + j, k0 + 4r + i]. 8-bit
@@ -696,6 +698,33 @@ void dequantize_into(const at::Tensor& weight_q, const at::Tensor& scale, const 
   });
 }
 
+// x -> clamp(round(x / s) + 0, lo, hi) * s in float32, one pass: the float path's input fake-quantization
+// (lo, hi: the integer range minus the zero point), bit for bit what torch computes in five passes (IEEE
+// division, round half to even, "+ 0" turning -0 into +0, NaN kept by the clamp, one rounding of the product).
+__attribute__((target_clones("avx512f", "avx2", "default"))) void fake_quantize_span(const float* x, int64_t n,
+                                                                                   float scale, float low,
+                                                                                   float high, float* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    float v = std::nearbyint(x[i] / scale) + 0.0f;
+    v = v < low ? low : v;  // NaN compares false both times and stays NaN, as in torch.clamp
+    v = v > high ? high : v;
+    out[i] = v * scale;
+  }
+}
+
+at::Tensor fake_quantize(const at::Tensor& x, double scale, double low, double high) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu(), "fake_quantize: float32 CPU input");
+  const at::Tensor input = x.contiguous();
+  at::Tensor out = at::empty_like(input);
+  const float* src = input.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const float s = float(scale), lo = float(low), hi = float(high);
+  at::parallel_for(0, input.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
+    fake_quantize_span(src + begin, end - begin, s, lo, hi, dst + begin);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(quantdiff_packed, m) {
@@ -711,10 +740,12 @@ TORCH_LIBRARY(quantdiff_packed, m) {
       "dequantize_into(Tensor weight_q, Tensor scale, Tensor? zero_point, int k, int bits, int group_size, "
       "bool signed_values, "
       "Tensor(a!) out) -> ()");
+  m.def("fake_quantize(Tensor x, float scale, float low, float high) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(quantdiff_packed, CPU, m) {
   m.impl("packed_linear", &packed_linear);
   m.impl("packed_conv2d", &packed_conv2d);
   m.impl("dequantize_into", &dequantize_into);
+  m.impl("fake_quantize", &fake_quantize);
 }
