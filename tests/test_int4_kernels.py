@@ -48,7 +48,7 @@ A8 = PRESETS["w8a8"].activations  # asymmetric static per-tensor uint8 inputs
 PER_CHANNEL = TensorSpec(4, True, "channel", observer="minmax")
 GROUP64 = TensorSpec(4, True, "group", group_size=64, observer="minmax")
 GROUP128 = TensorSpec(4, True, "group", group_size=128, observer="minmax")
-WEIGHTS = {"channel": PER_CHANNEL, "group64": GROUP64, "group128": GROUP128}
+WEIGHTS = {"channel": PER_CHANNEL, "group64": GROUP64, "group128": GROUP128, "int8 channel": PRESETS["w8a8"].weights}
 # weight-only formats with min-max ranges (the presets' range search is slow and changes nothing here)
 WEIGHT_ONLY = {"w4a16": Recipe("w4a16", GROUP128, None), "w8a16": PRESETS["w8a16"]}
 
@@ -75,7 +75,8 @@ def exact_output(quantized, x: torch.Tensor) -> torch.Tensor:
     q = q.double() - float(quantized.input_zero_point)
     shape = quantized.weight_shape
     k = math.prod(shape[1:])
-    weight = unpack_int4(quantized.integer_weight(), k, signed=True).double()  # (C_out, K)
+    stored = quantized.integer_weight()
+    weight = (unpack_int4(stored, k, signed=True) if quantized.weight_spec.packed else stored).double()  # (C_out, K)
     scale = quantized.weight_scale.double()  # (C_out, G)
     groups = scale.shape[1]
     cols = quantized.weight_spec.group_size if groups > 1 else k
@@ -111,7 +112,7 @@ def test_packed_int4_matches_exact_integer_math(name, granularity):
     stored = quantized.weight_q.clone()
     with torch.no_grad():
         reference = quantized(x)
-        decision = quantized.set_execution("integer")  # auto: the packed backend takes 4-bit weights
+        decision = quantized.set_execution("integer")  # auto: the packed backend takes these weights on AMX
         packed = quantized(x)
     assert decision.path == "integer" and "packed, int8 AMX kernel" in decision.reason and not decision.widened
     assert packed.shape == reference.shape and packed.is_contiguous()  # NCHW in, NCHW out, like nn.Conv2d
@@ -295,9 +296,12 @@ def test_decisions_and_fallback_reasons():
         nn.Conv2d(8, 16, 3, padding=1, groups=2), torch.randn(1, 8, 5, 5), Recipe("g", GROUP64, A8)
     )
     assert "grouped convolution (groups=2)" in backend.decide(grouped.kernel_inputs(), AMX_FP32).reason
-    # auto offers the packed backend 4-bit, per-group and weight-only layers only; int8 per channel is oneDNN's
+    # auto offers the packed backend 4-bit, per-group and weight-only layers, and on AMX CPUs int8 per-channel
+    # layers with one input scale per call; per-token inputs are oneDNN's
     int8 = _inputs("linear", (256, 32, 4), PRESETS["w8a8"])
-    assert backend.claims(w4a8) and backend.claims(w4a16) and backend.claims(channel) and not backend.claims(int8)
+    token = _inputs("linear", (256, 32, 4), PRESETS["w8a6"])
+    assert backend.claims(w4a8) and backend.claims(w4a16) and backend.claims(channel) and not backend.claims(token)
+    assert backend.claims(int8) == packed_support().amx
 
 
 @needs_amx

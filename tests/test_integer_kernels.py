@@ -3,7 +3,9 @@
 The kernel tests skip only when the oneDNN int8 ops are missing from this torch build; the pair-safe and
 recipe tests run everywhere. Acceptance is per layer, as benchmarks/KERNELS.md explains: a quantized model
 is chaotic with respect to 1-ulp differences (the reference against itself with 1 vs 2 threads agrees to
-only ~30 dB at a tiny UNet's output), so whole-model agreement is judged against floating point.
+only ~30 dB at a tiny UNet's output), so whole-model agreement is judged against floating point. The tests
+pin ``backend="onednn"``: on AMX CPUs ``auto`` gives int8 layers to the packed kernel, which
+tests/test_int4_kernels.py checks.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def test_integer_path_matches_fake_quant_reference(name):
     quantized = quantized_like(layer, x, PAIR_SAFE)
     with torch.no_grad():
         reference = quantized(x)
-        decision = quantized.set_execution("integer", support=SUPPORT)
+        decision = quantized.set_execution("integer", support=SUPPORT, backend="onednn")
         integer = quantized(x)
     assert decision.path == "integer" and decision.exact, decision
     assert integer.shape == reference.shape == layer(x).shape
@@ -109,7 +111,7 @@ def test_nan_and_inf_inputs_on_the_integer_path(kind):
         infinite.view(-1)[3] = float("inf")
         nan.view(-1)[5] = float("nan")
         reference_inf, reference_nan = quantized(infinite), quantized(nan)
-        assert quantized.set_execution("integer", support=SUPPORT).path == "integer"
+        assert quantized.set_execution("integer", support=SUPPORT, backend="onednn").path == "integer"
         integer_inf, integer_nan = quantized(infinite), quantized(nan)
     assert torch.isfinite(reference_inf).all() and torch.isnan(reference_nan).any()
     assert torch.isfinite(integer_inf).all() and sqnr_db(reference_inf.double(), integer_inf.double()) >= EXACT_DB
@@ -122,7 +124,7 @@ def test_channels_last_and_unbatched_conv_inputs():
     quantized = quantized_like(layer, x, PAIR_SAFE)
     with torch.no_grad():
         reference = quantized(x)
-        quantized.set_execution("integer", support=SUPPORT)
+        quantized.set_execution("integer", support=SUPPORT, backend="onednn")
         channels_last = quantized(x.to(memory_format=torch.channels_last))
         unbatched = quantized(x[0])
     exact = exact_integer_output(quantized, x)
@@ -139,7 +141,7 @@ def test_integer_mode_holds_one_int8_copy_and_rebuilds_weight_q_exactly():
     stored = quantized.weight_q.clone()
     assert stored.dtype == torch.int8 and tuple(stored.shape) == (c_out, k)
     saved_before = {key: value.clone() for key, value in quantized.state_dict().items()}
-    summary_entry = quantized.set_execution("integer", support=SUPPORT)
+    summary_entry = quantized.set_execution("integer", support=SUPPORT, backend="onednn")
     assert summary_entry.path == "integer"
     # the prepacked copy is the only copy held: one byte per weight (+ blocking), weight_q released
     assert not quantized.holds_weight_q and quantized.weight_q is None
@@ -156,7 +158,7 @@ def test_integer_mode_holds_one_int8_copy_and_rebuilds_weight_q_exactly():
         assert torch.equal(quantized.reference_forward(x), quantized_like(layer, x, PAIR_SAFE).reference_forward(x))
     quantized.set_execution("reference")
     assert quantized.holds_weight_q and torch.equal(quantized.weight_q, stored)
-    quantized.set_execution("integer", support=SUPPORT)
+    quantized.set_execution("integer", support=SUPPORT, backend="onednn")
     with torch.no_grad():
         assert torch.equal(quantized(x), integer)  # re-prepacked from the restored weight: same kernel
     quantized.to(torch.device("cpu"))
@@ -165,7 +167,7 @@ def test_integer_mode_holds_one_int8_copy_and_rebuilds_weight_q_exactly():
     conv, xc = _layer_and_input("conv", (320, 320, 3, 1, 1, 1, 16), "normal", "silu")
     qconv = quantized_like(conv, xc, PAIR_SAFE)
     stored_conv = qconv.weight_q.clone()
-    qconv.set_execution("integer", support=SUPPORT)
+    qconv.set_execution("integer", support=SUPPORT, backend="onednn")
     kc = 320 * 9
     assert qconv.weight_q is None
     assert 320 * kc <= qconv.kernel_bytes <= 320 * kc + 4 * 320  # + oneDNN's int32 compensation per channel
@@ -219,7 +221,7 @@ def test_layers_the_kernel_cannot_run_fall_back_with_the_reason(recipe, reason):
 def test_asymmetric_weights_fall_back():
     layer, x = _layer_and_input("conv", (8, 8, 3, 1, 1, 1, 6), "default", "ln")
     recipe = Recipe("asym", TensorSpec(8, False, "channel"), PAIR_SAFE.activations)
-    decision = quantized_like(layer, x, recipe).set_execution("integer", support=SUPPORT)
+    decision = quantized_like(layer, x, recipe).set_execution("integer", support=SUPPORT, backend="onednn")
     assert decision.path == "reference" and "asymmetric weights" in decision.reason
 
 
@@ -280,8 +282,10 @@ def test_plain_int8_weights_on_this_cpu():
     quantized = quantized_like(layer, x, PRESETS["w8a8"])
     exact = exact_integer_output(quantized, x)
     described = AVX2 if SUPPORT.saturates else VNNI
-    assert quantized.set_execution("integer", support=SUPPORT) == _decide(layer, x, PRESETS["w8a8"], described)
-    forced = quantized.set_execution("integer", support=SUPPORT, allow_inexact=True)
+    assert quantized.set_execution("integer", support=SUPPORT, backend="onednn") == _decide(
+        layer, x, PRESETS["w8a8"], described
+    )
+    forced = quantized.set_execution("integer", support=SUPPORT, allow_inexact=True, backend="onednn")
     with torch.no_grad():
         wrong = sqnr_db(exact, quantized(x).double())
     print(f"plain W8A8 on this CPU's kernel ({SUPPORT.describe()}): {wrong:.1f} dB vs exact integer math")
@@ -335,7 +339,7 @@ def test_summary_switch_back_and_copies():
 def test_changing_the_buffers_rebuilds_the_kernel():
     layer, x = _layer_and_input("linear", (64, 32, 4), "normal", "ln")
     quantized = quantized_like(layer, x, PAIR_SAFE)
-    quantized.set_execution("integer", support=SUPPORT)
+    quantized.set_execution("integer", support=SUPPORT, backend="onednn")
     with torch.no_grad():
         before = quantized(x)
         quantized.set_input_qparams(*compute_qparams(2 * x.min(), 2 * x.max(), 8, False))
@@ -433,7 +437,7 @@ def test_saved_pair_safe_denoiser_runs_integer_kernels(arch, tiny_folders, calib
     _, denoiser = denoiser_of(pipe)
     fp_out = torch.cat(list(held_out.replay(denoiser, progress=False)))
     quantize_denoiser(denoiser, "w8a8-int", calibration, progress=False)
-    use_integer_kernels(denoiser)
+    use_integer_kernels(denoiser, backend="onednn")
     in_memory_out = torch.cat(list(held_out.replay(denoiser, progress=False)))
     use_reference(denoiser)
     out = save_quantized(pipe, tmp_path / "q", base_path=folder)
@@ -458,7 +462,7 @@ def test_saved_pair_safe_denoiser_runs_integer_kernels(arch, tiny_folders, calib
     for hook in hooks:
         hook.remove()
 
-    summary = use_integer_kernels(loaded)
+    summary = use_integer_kernels(loaded, backend="onednn")
     assert len(summary.layers) == len(summary.integer) > 0, summary.format()
     # pair-safe weights are what makes them exact on AVX2; VNNI / AMX CPUs are exact for any int8 weight
     exact_because = "pair-safe" if SUPPORT.saturates else "no int16 saturation"

@@ -157,11 +157,14 @@ def minmax_weights(recipe: Recipe, name: str) -> Recipe:
     return Recipe(name=name, weights=weights, activations=recipe.activations)
 
 
-def build_quantdiff(ctx: BuildContext, recipe: Recipe | Callable[[Recipe], Recipe] | None) -> Built:
+def build_quantdiff(
+    ctx: BuildContext, recipe: Recipe | Callable[[Recipe], Recipe] | None, backend: str = "auto"
+) -> Built:
     """quantdiff's ``recipe`` in integer mode (``None``: the W8A8 preset for this device); layers the kernel
     cannot take keep the reference path, and the row's path detail counts them by reason.
 
-    CPU suite: a weight-sharing copy, the oneDNN kernels, attention in bf16 where the CPU has it natively.
+    CPU suite: a weight-sharing copy, the integer kernels of ``backend`` (``"auto"``: each layer's, see
+    :func:`quantdiff.nn.kernels.select_kernel`), attention in bf16 where the CPU has it natively.
     bf16 baseline: preset ``w8a8`` (``torch._int_mm`` cannot saturate) calibrated in fp32 on a full copy,
     then cast to bf16 around the int8 layers, on the int8 GEMM backend (the CUDA one; on the CPU a check of
     its math); attention stays as the bf16 model computes it.
@@ -177,7 +180,7 @@ def build_quantdiff(ctx: BuildContext, recipe: Recipe | Callable[[Recipe], Recip
     if on_bf16:
         summary = use_integer_kernels(model.to(torch.bfloat16), backend="int_mm", attention="float32")
     else:
-        summary = use_integer_kernels(model)
+        summary = use_integer_kernels(model, backend=backend)
     reasons = Counter(re.sub(r" \(worst pair sum \d+\)", "", layer.reason) for layer in summary.layers)
     integer, reference = len(summary.integer), len(summary.reference)
     path = "integer" if integer and not reference else ("reference" if not integer else "mixed")

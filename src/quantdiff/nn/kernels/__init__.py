@@ -17,7 +17,9 @@ Backends:
   tiles, and weight-only layers dequantized per call into a reused buffer (a C++ extension built on first use).
 
 ``"auto"`` picks ``int_mm`` for weights on CUDA; on the CPU ``packed`` for 4-bit, per-group and weight-only
-layers where it can take them (else ``onednn``, with packed's reason) and ``onednn`` for the others. A new
+layers where it can take them (else ``onednn``, with packed's reason), and on AMX CPUs for int8 layers with one
+input scale per call too (faster eager; compiled, ``onednn`` is: see ``PackedBackend.claims``); ``onednn`` for
+the others. A new
 backend is one module with a class that has ``name``, ``decide(inputs, support, allow_inexact)`` and
 ``build(inputs)``, registered with :func:`register_backend` at the bottom of this file.
 """
