@@ -67,11 +67,12 @@ ROWS = {
     ),
 }
 
-# The weight ablation: format name -> (weight spec, activation spec).
+# The weight ablation: format name -> (weight spec, activation spec). 8-bit inputs take min-max ranges: as good as
+# the Lp search at 8 bits on digits-sd (92.0 vs 91.3%, the activation table) and minutes faster to observe.
 WEIGHT_FORMATS = {
-    "w4a8ch": (TensorSpec(4, True, "channel", observer="mse"), static(8, "mse")),
-    "w3a8": (TensorSpec(3, True, "channel", observer="mse"), static(8, "mse")),
-    "w2a8g64": (TensorSpec(2, True, "group", group_size=64, observer="mse"), static(8, "mse")),
+    "w4a8ch": (TensorSpec(4, True, "channel", observer="mse"), static(8, "minmax")),
+    "w3a8": (TensorSpec(3, True, "channel", observer="mse"), static(8, "minmax")),
+    "w2a8g64": (TensorSpec(2, True, "group", group_size=64, observer="mse"), static(8, "minmax")),
     "w4a4": (TensorSpec(4, True, "group", group_size=128, observer="mse"), per_token(4)),
 }
 WEIGHT_ROWS = {

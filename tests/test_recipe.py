@@ -26,6 +26,7 @@ def test_presets_have_the_documented_bits():
         "w4a6-minmax": "W4A6",
         "w4a4": "W4A4",
         "w4a4-minmax": "W4A4",
+        "w2a8": "W2A8",
         "w8a16": "W8A16",
         "w4a16": "W4A16",
     }
@@ -35,6 +36,7 @@ def test_presets_have_the_documented_bits():
         assert twin.label == PRESETS[name].label and not twin.algorithms and twin.activations.observer == "minmax"
         assert twin.weights.observer == "minmax" and not twin.activations.dynamic
     assert [a.TYPE for a in PRESETS["w4a4"].algorithms] == ["smoothquant", "gptq"]
+    assert [a.TYPE for a in PRESETS["w2a8"].algorithms] == ["adaround"] and PRESETS["w2a8"].weights.group_size == 64
     assert PRESETS["w8a8-int"].weights.pair_safe and not PRESETS["w8a8"].weights.pair_safe
     assert PRESETS["w4a16"].weights.granularity == "group" and PRESETS["w4a16"].weights.group_size == 128
     assert PRESETS["w8a16"].activations is None

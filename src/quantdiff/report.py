@@ -100,7 +100,7 @@ def _execution(path, report: dict[str, Any], mode: str) -> dict[str, Any]:
     held += sum(layer.kernel_bytes + layer.float_bytes for layer in summary.layers)
     return {
         "mode": mode,
-        "support": summary.support.describe() if summary.support is not None else "",
+        "support": summary.describe_kernels() or "",
         "integer_layers": len(summary.integer),
         "float_layers": len(summary.floating),
         "float_bytes": sum(layer.float_bytes for layer in summary.layers),

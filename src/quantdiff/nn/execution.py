@@ -18,7 +18,7 @@ from quantdiff.nn.attention import (
     resolve_attention,
     use_attention_dtype,
 )
-from quantdiff.nn.kernels import KernelSupport, kernel_support
+from quantdiff.nn.kernels import KernelSupport, kernel_support, packed_support
 from quantdiff.nn.quantized import EXECUTION_MODES, QuantizedLayer
 
 
@@ -89,10 +89,18 @@ class ExecutionSummary:
     def inexact(self) -> tuple[LayerExecution, ...]:
         return tuple(layer for layer in self.layers if not layer.exact)
 
+    def describe_kernels(self) -> str | None:
+        """What this CPU's kernels in use can do: oneDNN's description, and the packed kernels' where layers run
+        on them."""
+        parts = [] if self.support is None else [self.support.describe()]
+        if any("packed" in layer.reason for layer in self.layers if layer.path == "integer"):
+            parts.append(packed_support().describe())
+        return "; ".join(parts) or None
+
     def to_dict(self) -> dict:
         return {
             "mode": self.mode,
-            "support": None if self.support is None else self.support.describe(),
+            "support": self.describe_kernels(),
             "integer_layers": len(self.integer),
             "float_layers": len(self.floating),
             "pending_layers": len(self.pending),
@@ -124,7 +132,7 @@ class ExecutionSummary:
         lines = [
             self.headline()
             + (f", {len(self.inexact)} INEXACT" if self.inexact else "")
-            + (f" ({self.support.describe()})" if self.support is not None else "")
+            + (f" ({self.describe_kernels()})" if self.describe_kernels() else "")
             + (f"; attention in {describe_attention(self.attention)}" if self.attention is not None else "")
         ]
         width = max((len(layer.name) for layer in self.layers), default=0)
