@@ -31,15 +31,7 @@ RECIPE = Recipe("w8a8-bos", W8_INT, A8_MINMAX, algorithms=(BOSAwareKV(),))
 ATTN = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread in this module. Why: on a machine shared by several processes, two OpenMP threads that
-    wait for each other made these tests 30-70x slower (tiny calibration: 1.1 s with one thread, 33-80 s with two
-    at load 11 on 2 cores); the results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.one_torch_thread
 
 
 # ----------------------------------------------------------------------------------------------- pure math

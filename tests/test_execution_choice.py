@@ -56,7 +56,9 @@ def test_auto_picks_the_float_path_on_a_tiny_layer_and_computes_the_reference_bi
     for make in (_tiny_linear, _tiny_conv):
         layer, x = make()
         reference = layer.reference_forward(x)
-        assert layer.set_execution("auto").path == "pending"
+        # oneDNN: its fixed cost per call (input quantization, primitive) makes the float path win at one token
+        # every time; the packed AMX kernel is about as fast as the float op there (0.008 vs 0.007 ms measured)
+        assert layer.set_execution("auto", backend="onednn").path == "pending"
         with torch.no_grad():
             first, second = layer(x), layer(x)
         decision = layer.execution_decision()
@@ -144,7 +146,7 @@ def test_sd15_sized_layers_take_the_kernel(name, layer, x):
 def test_forced_modes_are_respected_and_the_summary_says_why(one_thread):
     linear, x = _tiny_linear()
     model = nn.Sequential(linear)
-    summary = use_execution(model, "auto")
+    summary = use_execution(model, "auto", backend="onednn")  # oneDNN: the float path wins at one token (above)
     assert summary.mode == "auto" and len(summary.pending) == 1
     assert summary.pending[0].reason.startswith("auto: the int8 kernel or the float path")
     with torch.no_grad():

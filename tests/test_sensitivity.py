@@ -47,15 +47,7 @@ PROMPTS = ["a red fox in the snow", "a watercolor lighthouse on a cliff", "a bow
 CAPTURE = dict(num_inference_steps=4, num_timesteps=2, seed=0, progress=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread in this module. Why: on a machine shared by several processes, two OpenMP threads that
-    wait for each other made these tests 30-70x slower (tiny calibration: 1.1 s with one thread, 33-80 s with two
-    at load 11 on 2 cores); the results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.one_torch_thread
 
 
 def _with_bad_layer(folder: str):
