@@ -99,7 +99,8 @@ def _assert_layers_match_on_the_integer_path(denoiser: nn.Module, names: list[st
     with torch.no_grad():
         for name in names:
             module = denoiser.get_submodule(name)
-            assert sqnr_db(module.reference_forward(inputs[name]), module(inputs[name])) > 35, name
+            quality = sqnr_db(module.reference_forward(inputs[name]), module(inputs[name]))
+            assert quality > 100, (name, quality)  # the same integers: fp32 rounding of the rescale only
     use_reference(denoiser)
 
 

@@ -129,6 +129,11 @@ def test_eval_end_to_end(untrained_digits_sd, tmp_path, capsys):
     a, b = (images[name].astype(np.float64) for name in ("w8a16", "fp"))
     psnr = np.mean([10 * np.log10(255.0**2 / np.mean((x - y) ** 2)) for x, y in zip(a, b, strict=True)])
     assert q["metrics"]["psnr_vs_fp"] == pytest.approx(psnr, rel=1e-9)
+    # SSIM per image pair (the metric is checked against a naive reference in test_metrics), then the mean
+    from quantdiff.evaluation.metrics import ssim
+
+    pairs = zip(images["w8a16"], images["fp"], strict=True)
+    assert q["metrics"]["ssim_vs_fp"] == pytest.approx(np.mean([ssim(x, y) for x, y in pairs]), rel=1e-9)
     _alignment_counts_only_images_right_on_every_head(untrained_digits_sd, predicted["fp"], tmp_path)
     assert fp["metrics"]["psnr_vs_fp"] is None and fp["metrics"]["ssim_vs_fp"] is None
     # W8A16 of the same weights stays close to FP on the same seeds.

@@ -325,4 +325,4 @@ def test_each_activation_mode_matches_the_fake_quant_path_at_sd_sizes(kind, mode
         decision = module.set_execution("integer", support=SUPPORT)
         integer = module(x)
     assert decision.path == "integer", decision.reason
-    assert sqnr_db(reference, integer) > 35, decision.reason  # measured above 100 dB: the same integers
+    assert sqnr_db(reference, integer) > 100, decision.reason  # the same integers: fp32 rounding of the rescale

@@ -336,15 +336,20 @@ def test_http_500_when_the_guard_catches_nan_or_inf_on_the_integer_path(tiny_fol
         if KERNELS_EXPECTED:  # pair-safe weights: every quantized layer runs on the kernel on any x86 CPU
             assert summary.mode == "integer" and len(summary.integer) == len(summary.layers) > 0, summary.format()
         # NaN from a floating-point layer ahead of the int8 kernels (the kernel alone would make it finite),
-        # and inf out of a quantized layer running on its kernel
+        # and inf out of a quantized layer running on its kernel (the norms after it turn it into NaN); last,
+        # inf that reaches the latents as inf: the last layer's output, no guidance and Euler (no inf - inf),
+        # which a NaN-only guard would let through to step 2
         first, quantized = unet.conv_in, unet.get_submodule("up_blocks.1.resnets.2.conv2")
         assert not isinstance(first, QuantizedLayer) and isinstance(quantized, QuantizedLayer)
-        for layer, bad in ((first, float("nan")), (quantized, float("inf")), (quantized, float("nan"))):
+        as_inf = {"guidance": 1.0, "scheduler": "euler"}
+        cases = [(first, float("nan"), {}), (quantized, float("inf"), {}), (quantized, float("nan"), {})]
+        for layer, bad, options in [*cases, (unet.conv_out, float("inf"), as_inf)]:
             saved = layer.bias.detach().clone()
             with torch.no_grad():
                 layer.bias[0] = bad
             try:
-                status, body = _post(server.url + "/api/generate", {"prompt": "a cat", "seed": 1, "steps": 2})
+                request = {"prompt": "a cat", "seed": 1, "steps": 2, **options}
+                status, body = _post(server.url + "/api/generate", request)
             finally:
                 with torch.no_grad():
                     layer.bias.copy_(saved)
@@ -353,7 +358,7 @@ def test_http_500_when_the_guard_catches_nan_or_inf_on_the_integer_path(tiny_fol
         status, body = _post(server.url + "/api/generate", {"prompt": "a cat", "seed": 1, "steps": 2})
         assert status == 200, body
     entries = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert [e.get("error_type") for e in entries] == [None, "NonFiniteError", "NonFiniteError", "NonFiniteError", None]
+    assert [e.get("error_type") for e in entries] == [None, *["NonFiniteError"] * 4, None]
 
 
 def _chromium() -> str | None:

@@ -172,4 +172,4 @@ def test_lowrank_after_smoothing_runs_saved_and_on_the_kernel(tiny_folders, cali
     assert name in {layer.name for layer in summary.integer}
     module = loaded.get_submodule(name)
     with torch.no_grad():
-        assert sqnr_db(module.reference_forward(inputs[0]), module(inputs[0])) > 35
+        assert sqnr_db(module.reference_forward(inputs[0]), module(inputs[0])) > 100  # the same integers

@@ -148,6 +148,15 @@ class Int8MatmulKernel:
         return y if bias is None else y + bias.to(torch.float32)
 
     def __call__(self, x: Tensor, bias: Tensor | None, input_qparams: tuple[float, int] | None = None) -> Tensor:
+        y = self._compute(x, bias, input_qparams)
+        # NaN has no int8 image: the cast alone would turn it into a finite integer and hide it from the
+        # numerics guard downstream. A call whose input holds NaN answers NaN (the whole output), as the
+        # oneDNN kernel does; torch.where keeps it free of a device sync on CUDA.
+        if not torch.compiler.is_compiling():
+            y = y.add_(torch.where(torch.isnan(x).any(), float("nan"), 0.0))
+        return y
+
+    def _compute(self, x: Tensor, bias: Tensor | None, input_qparams: tuple[float, int] | None) -> Tensor:
         if not self.is_conv:  # (..., K) -> (..., C_out)
             y = self._matmul(x.reshape(-1, x.shape[-1]), bias, input_qparams)
             return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
