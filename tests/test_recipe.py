@@ -26,6 +26,7 @@ def test_presets_have_the_documented_bits():
         "w4a6-minmax": "W4A6",
         "w4a4": "W4A4",
         "w4a4-minmax": "W4A4",
+        "w3a8": "W3A8",
         "w2a8": "W2A8",
         "w8a16": "W8A16",
         "w4a16": "W4A16",
