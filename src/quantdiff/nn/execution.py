@@ -129,10 +129,11 @@ class ExecutionSummary:
 
     def format(self, max_layers: int | None = None) -> str:
         """Plain text: one header line, then one line per layer (``name  path  reason``)."""
+        kernels = self.describe_kernels()
         lines = [
             self.headline()
             + (f", {len(self.inexact)} INEXACT" if self.inexact else "")
-            + (f" ({self.describe_kernels()})" if self.describe_kernels() else "")
+            + (f" ({kernels})" if kernels else "")
             + (f"; attention in {describe_attention(self.attention)}" if self.attention is not None else "")
         ]
         width = max((len(layer.name) for layer in self.layers), default=0)
