@@ -57,3 +57,21 @@ def exact_integer_output(quantized, x: torch.Tensor) -> torch.Tensor:
 EXACT_DB = 120
 """An exact kernel differs from float64 integer math only by the fp32 rounding of its rescale (110-135 dB
 per layer); one whose int16 pair sums saturate is 14-46 dB off."""
+
+
+def kernel_vs_reference_db(denoiser, name: str, calibration) -> float:
+    """SQNR of layer ``name`` of a loaded quantized ``denoiser`` on the integer path against its reference path,
+    on the input it sees in the first record of ``calibration`` (captured with taps before the switch)."""
+    from quantdiff.calibration.taps import Taps
+    from quantdiff.nn import use_integer_kernels
+    from quantdiff.primitives import sqnr_db
+
+    inputs = []
+    with Taps(denoiser) as taps:
+        taps.on_block(name, lambda call: inputs.append(call.args[0].detach().clone()))
+        list(calibration.subset_by_index([0]).replay(denoiser, progress=False))
+    summary = use_integer_kernels(denoiser, attention="float32")
+    assert name in {layer.name for layer in summary.integer}, summary.format()
+    module = denoiser.get_submodule(name)
+    with torch.no_grad():
+        return sqnr_db(module.reference_forward(inputs[0]), module(inputs[0]))

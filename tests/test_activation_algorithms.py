@@ -14,6 +14,7 @@ from quantdiff.algorithms.shortcut_split import ShortcutSplit
 from quantdiff.algorithms.smoothquant import (
     SmoothQuant,
     channel_absmax,
+    fake_quantize_rows,
     quantized_output_error,
     search_alpha,
     smoothing_factors,
@@ -23,8 +24,10 @@ from quantdiff.algorithms.timestep_groups import TimestepGroups, group_edges
 from quantdiff.calibration.taps import Taps
 from quantdiff.errors import CalibrationError, RecipeError
 from quantdiff.nn import QuantizedLayer, use_integer_kernels, use_reference
+from quantdiff.nn.quantized import QUANTIZED_CLASSES
 from quantdiff.pipelines.architectures import architecture_of, concat_split_points, norm_feeds_of
 from quantdiff.pipelines.loading import denoiser_of, load_pipeline
+from quantdiff.plan import LayerPlan
 from quantdiff.primitives import sqnr_db
 from quantdiff.quantize import quantize_denoiser
 from quantdiff.recipe import PRESETS, Recipe, TensorSpec
@@ -73,6 +76,28 @@ def test_alpha_search_helps_on_an_outlier_channel_and_never_hurts():
         assert quantized_output_error(flat, [weight], s, W8_INT, A8) < quantized_output_error(
             flat, [weight], torch.ones(32), W8_INT, A8
         )
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        TensorSpec(4, False, "token", dynamic=True, clip_ratio=0.9),
+        TensorSpec(4, False, "group", group_size=16, dynamic=True),
+        TensorSpec(4, True, "group", group_size=16, dynamic=True, clip_ratio=0.8),
+        TensorSpec(6, False, "tensor", dynamic=True, clip_ratio=0.9),
+    ],
+    ids=["token-clip", "group", "group-sym-clip", "tensor-clip"],
+)
+def test_the_alpha_search_quantizes_rows_as_the_linear_layer_does(spec):
+    """The search ranks alphas by the error of the layer's own input format: a Linear input's rows go through
+    the same per-token / per-group / clipped quantization as the layer itself, bit for bit."""
+    torch.manual_seed(4)
+    rows = torch.randn(40, 48) * torch.linspace(0.2, 8.0, 48)  # (N, C_in)
+    linear = nn.Linear(48, 8)
+    plan = LayerPlan("l", "Linear", (8, 48), True, W8_INT, spec, "t")
+    layer = QUANTIZED_CLASSES["Linear"].prepared(linear, plan)
+    layer.convert()
+    assert torch.equal(fake_quantize_rows(rows, spec, 48), layer.quantize_input(rows))
 
 
 def test_options_out_of_range_are_refused_with_their_name():

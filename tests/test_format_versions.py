@@ -133,7 +133,8 @@ def test_lowest_version_rule():
     features = (Feature("a.*.x", 2, "x"), Feature("b", 3, "b"), Feature("c.y", 2, "y"))
     assert lowest_version({"a": {"k": {"z": 1}}, "c": {}}, features) == 1
     assert lowest_version({"a": {"k": {"x": 0}}}, features) == 2
-    assert lowest_version({"a": [{"x": None}]}, features) == 2  # lists match '*' too
+    assert lowest_version({"a": [{"x": False}]}, features) == 2  # lists match '*' too
+    assert lowest_version({"a": [{"x": None}], "c": {"y": None}}, features) == 1  # a key holding null is absent
     assert lowest_version({"a": {}, "b": []}, features) == 3
     assert check_version({"c": {"y": 1}}, 2, 3, features, "doc") == 2
     with pytest.raises(ValueError, match="invalid format version True"):

@@ -134,10 +134,19 @@ def _dynamic(bits: int, symmetric: bool, granularity: str) -> str:
 
 
 @pytest.mark.parametrize(
-    "kind, granularity, symmetric",
-    [("linear", "token", True), ("linear", "tensor", False), ("conv1x1", "token", True), ("conv", "tensor", True)],
+    "kind, granularity, symmetric, clip",
+    [
+        ("linear", "token", True, 1.0),
+        ("linear", "tensor", False, 1.0),
+        ("conv1x1", "token", True, 1.0),
+        ("conv", "tensor", True, 1.0),
+        ("linear", "token", False, 0.9),
+        ("linear", "token", True, 0.85),
+        ("conv1x1", "token", False, 0.9),
+        ("conv", "tensor", False, 0.8),
+    ],
 )
-def test_dynamic_inputs_are_quantized_per_call_and_run_on_the_kernel(kind, granularity, symmetric):
+def test_dynamic_inputs_are_quantized_per_call_and_run_on_the_kernel(kind, granularity, symmetric, clip):
     torch.manual_seed(1)
     layer, x = _layer("conv" if kind != "linear" else "linear")
     if kind == "conv1x1":
@@ -147,19 +156,21 @@ def test_dynamic_inputs_are_quantized_per_call_and_run_on_the_kernel(kind, granu
         if x.dim() == 4
         else x * torch.rand(x.shape[:-1] + (1,)) * 10
     )
-    activations = TensorSpec(8, symmetric, granularity, dynamic=True)
+    activations = TensorSpec(8, symmetric, granularity, dynamic=True, clip_ratio=clip)
     weights = PRESETS["w8a8-int"].weights
     plan = LayerPlan("layer", type(layer).__name__, tuple(layer.weight.shape), True, weights, activations, "test")
     assert "input_scale" not in plan.stored_tensors() and plan.stored_tensors()["weight_q"]
     module = QUANTIZED_CLASSES[type(layer).__name__].prepared(layer, plan)
     module.convert()  # no calibration: nothing to observe
-    assert activations.describe() == _dynamic(8, symmetric, granularity)
+    assert activations.describe() == _dynamic(8, symmetric, granularity) + (f" clip{clip:g}" if clip != 1 else "")
     channel = -1 if kind == "linear" else 1
     if granularity == "token":
         low, high = x.amin(dim=channel, keepdim=True), x.amax(dim=channel, keepdim=True)
     else:
         low, high = x.min(), x.max()
-    scale, zero_point = compute_qparams(low, high, 8, symmetric)
+    scale, zero_point = compute_qparams(low * clip, high * clip, 8, symmetric)
+    if clip != 1:  # the clipped range saturates the loudest values of each token: outputs differ from min-max
+        assert (x / scale + zero_point).round().amax() > (255 if not symmetric else 127)
     with torch.no_grad():
         expected = module._op(
             fake_quantize(x, scale, zero_point, 8, symmetric), module.dequantized_weight(), module.bias
@@ -204,6 +215,53 @@ def test_dynamic_inputs_the_kernels_cannot_take_say_why():
         module.set_execution("reference")
 
 
+def _groupwise_reference(x: torch.Tensor, channel: int, group_size: int, bits: int) -> torch.Tensor:
+    """Per-token-group fake quantization written as a loop over the groups (the last one may be shorter)."""
+    parts = []
+    for part in x.split(group_size, dim=channel):
+        low, high = part.amin(dim=channel, keepdim=True), part.amax(dim=channel, keepdim=True)
+        scale, zero_point = compute_qparams(low.clamp_max(0), high.clamp_min(0), bits, False)
+        parts.append(fake_quantize(part, scale, zero_point, bits, False))
+    return torch.cat(parts, dim=channel)
+
+
+@pytest.mark.parametrize("kind, channels", [("linear", 96), ("linear", 80), ("conv", 32), ("conv", 40)])
+def test_per_token_group_inputs_quantize_each_group_of_channels_per_call(kind, channels):
+    """4-bit inputs with a few loud channels: one range per token drowns the quiet channels, one range per
+    token and group of 16 channels keeps them (Q-DiT's / SVDQuant's input format). 80 and 40 channels leave a
+    last group of 16 / 8 channels of its own."""
+    torch.manual_seed(2)
+    if kind == "linear":
+        layer, x, channel = nn.Linear(channels, 48), torch.randn(2, 10, channels), -1
+    else:
+        layer, x, channel = nn.Conv2d(channels, 48, 3, padding=1), torch.randn(2, channels, 8, 8), 1
+    loud = torch.ones(channels)
+    loud[:4] = 30.0  # four outlier channels, all in the first group
+    x = x * (loud if kind == "linear" else loud[:, None, None])
+    quiet_db = {}
+    for name, spec in {
+        "token": TensorSpec(4, False, "token", dynamic=True),
+        "group": TensorSpec(4, False, "group", group_size=16, dynamic=True),
+    }.items():
+        plan = LayerPlan(
+            "layer", type(layer).__name__, tuple(layer.weight.shape), True, PRESETS["w8a8"].weights, spec, "t"
+        )
+        assert "input_scale" not in plan.stored_tensors()
+        module = QUANTIZED_CLASSES[type(layer).__name__].prepared(layer, plan)
+        module.convert()
+        quiet = x.narrow(channel, 16, channels - 16)  # the channels outside the loud group
+        quiet_db[name] = sqnr_db(quiet, module.quantize_input(x).narrow(channel, 16, channels - 16))
+        if name == "group":
+            assert spec.describe() == "int4 asym token-group16 dynamic"
+            with torch.no_grad():
+                expected = module._op(_groupwise_reference(x, channel, 16, 4), module.dequantized_weight(), module.bias)
+                assert torch.equal(module(x), expected)
+            decision = module.set_execution("integer", support=SUPPORT)
+            assert decision.path == "reference" and "groups of 16 channels" in decision.reason, decision.reason
+    # 30x louder channels widen a per-token range 30x: the quiet channels lose ~29 dB to it
+    assert quiet_db["group"] > quiet_db["token"] + 20, quiet_db
+
+
 def test_dynamic_specs_are_validated():
     with pytest.raises(
         RecipeError, match="granularity 'token' computes a scale per token at run time: set dynamic true"
@@ -216,6 +274,21 @@ def test_dynamic_specs_are_validated():
     recipe = Recipe("x", PRESETS["w8a8"].weights, TensorSpec(4, True, "token", dynamic=True))
     assert not recipe.needs_calibration and recipe.to_dict()["_version"] == 3
     assert Recipe.from_dict(recipe.to_dict()) == recipe
+    grouped = Recipe("g", PRESETS["w8a8"].weights, TensorSpec(4, False, "group", group_size=64, dynamic=True))
+    assert not grouped.needs_calibration and grouped.to_dict()["_version"] == 4  # activation groups are version 4
+    assert Recipe.from_dict(grouped.to_dict()) == grouped
+    older = grouped.to_dict()
+    older["_version"] = 3  # hand-edited down: the reader names what needs version 4
+    with pytest.raises(RecipeError, match="per-token groups of input channels.*needs version 4"):
+        Recipe.from_dict(older)
+    with pytest.raises(RecipeError, match="activation groups are per token, computed at run time: set dynamic true"):
+        Recipe("x", PRESETS["w8a8"].weights, TensorSpec(4, False, "group", group_size=64))
+    with pytest.raises(RecipeError, match=r"clip_ratio=1.5 is out of range: use a number in \(0, 1\]"):
+        TensorSpec(4, False, "token", dynamic=True, clip_ratio=1.5)
+    with pytest.raises(RecipeError, match="clip_ratio=0.9 applies to dynamic scales"):
+        TensorSpec(4, False, "tensor", observer="minmax", clip_ratio=0.9)
+    clipped = Recipe("c", PRESETS["w8a8"].weights, TensorSpec(4, False, "token", dynamic=True, clip_ratio=0.9))
+    assert clipped.to_dict()["_version"] == 4 and Recipe.from_dict(clipped.to_dict()) == clipped
     static = Recipe(
         "y",
         PRESETS["w8a8"].weights,

@@ -32,11 +32,13 @@ def test_presets_have_the_documented_bits():
         "w4a16": "W4A16",
     }
     for name in ("w8a6", "w8a4", "w4a6", "w4a4"):  # the best measured recipes below 8-bit activations
-        assert PRESETS[name].activations.dynamic and PRESETS[name].activations.granularity == "token"
+        spec = PRESETS[name].activations
+        assert spec.dynamic and spec.granularity == ("group" if spec.bits == 4 else "token")
         twin = PRESETS[f"{name}-minmax"]  # ... and their naive twins: min-max, static, no algorithms
         assert twin.label == PRESETS[name].label and not twin.algorithms and twin.activations.observer == "minmax"
         assert twin.weights.observer == "minmax" and not twin.activations.dynamic
     assert [a.TYPE for a in PRESETS["w4a4"].algorithms] == ["smoothquant", "gptq"]
+    assert PRESETS["w8a4"].activations.group_size == 16 and PRESETS["w4a4"].activations.clip_ratio == 0.9
     assert [a.TYPE for a in PRESETS["w2a8"].algorithms] == ["adaround"] and PRESETS["w2a8"].weights.group_size == 64
     assert PRESETS["w8a8-int"].weights.pair_safe and not PRESETS["w8a8"].weights.pair_safe
     assert PRESETS["w4a16"].weights.granularity == "group" and PRESETS["w4a16"].weights.group_size == 128
@@ -48,9 +50,11 @@ def test_presets_have_the_documented_bits():
 def test_recipe_dict_round_trip_is_exact(name):
     recipe = PRESETS[name]
     data = json.loads(json.dumps(recipe.to_dict()))
-    # the lowest format version that expresses the recipe: 3 for algorithms and dynamic inputs, 2 for pair-safe weights
+    # the lowest format version that expresses the recipe: 4 for per-token groups of inputs, 3 for algorithms and
+    # dynamic inputs, 2 for pair-safe weights
     dynamic = recipe.activations is not None and recipe.activations.dynamic
-    expected = 3 if recipe.algorithms or dynamic else 2 if recipe.weights.pair_safe else 1
+    grouped = dynamic and recipe.activations.granularity == "group"
+    expected = 4 if grouped else 3 if recipe.algorithms or dynamic else 2 if recipe.weights.pair_safe else 1
     assert data["_type"] == "Recipe" and data["_version"] == expected
     assert Recipe.from_dict(data) == recipe
 

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_check import KERNELS_EXPECTED
+from kernel_check import KERNELS_EXPECTED, kernel_vs_reference_db
 
 from quantdiff.algorithms.base import QuantizationContext, Stage
 from quantdiff.algorithms.gptq import GPTQ, gptq_quantize
 from quantdiff.algorithms.lowrank import LowRank, lowrank_split
 from quantdiff.algorithms.smoothquant import SmoothQuant
-from quantdiff.calibration.taps import Taps
 from quantdiff.errors import RecipeError
-from quantdiff.nn import dequantize_weight, quantize_weight, use_integer_kernels
+from quantdiff.nn import dequantize_weight, quantize_weight
 from quantdiff.pipelines.architectures import architecture_of
 from quantdiff.pipelines.loading import denoiser_of, load_pipeline
 from quantdiff.plan import resolve_plan
@@ -164,12 +163,4 @@ def test_lowrank_after_smoothing_runs_saved_and_on_the_kernel(tiny_folders, cali
         return
     # on the integer path, layer by layer: the residual on the kernel, the branch in floating point
     name = next(layer.name for layer in ranked if layer.layer_type == "Linear")
-    inputs = []
-    with Taps(loaded) as taps:
-        taps.on_block(name, lambda call: inputs.append(call.args[0].detach().clone()))
-        list(held_out.subset_by_index([0]).replay(loaded, progress=False))
-    summary = use_integer_kernels(loaded, attention="float32")
-    assert name in {layer.name for layer in summary.integer}
-    module = loaded.get_submodule(name)
-    with torch.no_grad():
-        assert sqnr_db(module.reference_forward(inputs[0]), module(inputs[0])) > 100  # the same integers
+    assert kernel_vs_reference_db(loaded, name, held_out) > 100  # the same integers

@@ -155,6 +155,13 @@ LAYER_EXTRAS: Mapping[str, LayerExtra] = MappingProxyType(
                 needs_static_input=True,
             ),
             LayerExtra(
+                "input_rotation",
+                "input channels rotated by a block-diagonal Hadamard matrix (blocks of `block` channels) before "
+                "quantization, the weight by the same matrix (algorithms/rotation.py); nothing stored",
+                {"block": _positive_int},
+                lambda layer, params: {},
+            ),
+            LayerExtra(
                 "bos_kv",
                 "the text's first (BOS) token: its key / value precomputed in floating point, the layer quantized "
                 "(and calibrated) for the other tokens; applied by the attention processor (algorithms/bos_aware.py)",

@@ -17,8 +17,11 @@ shared by every other part of quantdiff, are:
 
 from __future__ import annotations
 
+import functools
 import math
 
+import numpy as np
+import scipy.linalg
 import torch
 from torch import Tensor
 
@@ -33,6 +36,9 @@ __all__ = [
     "unpack_int4",
     "group_rows",
     "ungroup_rows",
+    "channel_group_ranges",
+    "hadamard_matrix",
+    "rotate_channels",
     "sqnr_db",
     "PAIR_LIMIT",
     "pair_sums",
@@ -353,6 +359,58 @@ def ungroup_rows(rows: Tensor, c_out: int, k: int) -> Tensor:
             f"got shape {tuple(rows.shape)}"
         )
     return rows.reshape(c_out, groups * group_size)[:, :k].contiguous()  # (C_out, K)
+
+
+def channel_group_ranges(x: Tensor, dim: int, group_size: int) -> tuple[Tensor, Tensor]:
+    """Min and max of each run of ``group_size`` consecutive entries of ``x`` along ``dim`` (the channels),
+    separately for every position of the other dimensions (tokens, pixels): per-token-group input ranges.
+
+    Both results have ``x``'s shape: every entry holds its group's min (max). When the length along ``dim``
+    is not a multiple of ``group_size``, the last group is padded with zeros as in :func:`group_rows` (0 never
+    widens a range that :func:`compute_qparams` widens to include 0 anyway).
+
+    Args:
+        x: any tensor, e.g. ``(B, T, C)`` with ``dim=-1`` or ``(N, C, H, W)`` with ``dim=1``.
+        dim: the dimension cut into groups.
+        group_size: entries per group, >= 1.
+
+    Returns:
+        ``(low, high)``, each of ``x``'s shape and dtype.
+    """
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    channels_last = x.movedim(dim, -1)  # (..., C)
+    c = channels_last.shape[-1]
+    padded = torch.nn.functional.pad(channels_last, (0, -c % group_size))  # (..., G * group_size)
+    grouped = padded.unflatten(-1, (-1, group_size))  # (..., G, group_size)
+
+    def spread(reduced: Tensor) -> Tensor:  # (..., G, 1) -> x's shape
+        return reduced.expand(grouped.shape).flatten(-2)[..., :c].movedim(-1, dim)
+
+    return spread(grouped.amin(dim=-1, keepdim=True)), spread(grouped.amax(dim=-1, keepdim=True))
+
+
+@functools.cache
+def hadamard_matrix(size: int) -> Tensor:
+    """The normalized Sylvester Hadamard matrix ``H / sqrt(size)`` ``(size, size)``, float32: symmetric and
+    orthogonal, so ``H @ H`` is the identity (to float rounding). ``size`` must be a power of two."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size & (size - 1):
+        raise ValueError(f"a Hadamard matrix here has a power-of-two size, got {size!r}")
+    return torch.from_numpy(scipy.linalg.hadamard(size).astype(np.float32)) / math.sqrt(size)
+
+
+def rotate_channels(x: Tensor, dim: int, block: int) -> Tensor:
+    """``x`` with each run of ``block`` consecutive entries along ``dim`` multiplied by :func:`hadamard_matrix`.
+
+    Applied twice it gives ``x`` back; applied to a layer's input channels and to its weight's input channels it
+    leaves the layer's output unchanged (``(x H) . (w H) = x . w``). ``block`` must divide the length of ``dim``.
+    """
+    channels = x.shape[dim]
+    if channels % block:
+        raise ValueError(f"rotate_channels: blocks of {block} do not divide {channels} channels")
+    h = hadamard_matrix(block).to(device=x.device, dtype=x.dtype)  # (b, b)
+    blocks = x.movedim(dim, -1).unflatten(-1, (channels // block, block))  # (..., C / b, b)
+    return (blocks @ h).flatten(-2).movedim(-1, dim)
 
 
 def sqnr_db(reference: Tensor, test: Tensor) -> float:

@@ -18,7 +18,9 @@ then ``"."``).
 Format versions (:data:`FOLDER_FEATURES`): 1 is the original layout; 2 adds layer extras in the plan
 (tensors such as an input pre-scale, a low-rank branch or per-timestep input scales), dynamic activation
 scales, and recipes with algorithms or exact per-layer entries; 3 adds the layer extra ``bos_kv`` (BOS-aware
-text keys and values, whose attention modules get a processor wrapper when loaded). A folder is written with
+text keys and values, whose attention modules get a processor wrapper when loaded); 4 adds inputs quantized
+per token in groups of channels (an activation spec with ``group_size``), clipped dynamic ranges
+(``clip_ratio``) and the layer extra ``input_rotation``. A folder is written with
 the lowest version that can express it (:mod:`quantdiff.versioning`), so one that uses nothing new stays
 version 1 and loads in every quantdiff; a reader refuses a newer version with "upgrade quantdiff".
 
@@ -68,7 +70,7 @@ from quantdiff.version import __version__
 from quantdiff.versioning import Feature, check_version, lowest_version
 
 QUANT_METHOD = "quantdiff"
-FORMAT_VERSION = 3  # the newest folder format this quantdiff reads and writes; see the module docstring
+FORMAT_VERSION = 4  # the newest folder format this quantdiff reads and writes; see the module docstring
 FOLDER_FEATURES = (
     Feature("plan.*.extras", 2, "layer extras"),
     Feature("recipe.algorithms", 2, "a recipe with algorithms"),
@@ -78,6 +80,16 @@ FOLDER_FEATURES = (
     Feature("recipe.overrides.*.activations.dynamic", 2, "dynamic activation scales"),
     # Older readers would refuse the unknown extra anyway; the version says "upgrade quantdiff" up front.
     Feature("plan.*.extras.bos_kv", 3, "BOS-aware text keys / values (precomputed first token)"),
+    # An older reader would refuse the spec with a confusing message ("dynamic scales are per tensor or per token").
+    Feature("plan.*.activations.group_size", 4, "per-token groups of input channels"),
+    Feature("recipe.activations.group_size", 4, "per-token groups of input channels"),
+    Feature("recipe.overrides.*.activations.group_size", 4, "per-token groups of input channels"),
+    Feature("recipe.layers.*.activations.group_size", 4, "per-token groups of input channels"),
+    Feature("plan.*.activations.clip_ratio", 4, "clipped dynamic input ranges"),
+    Feature("plan.*.extras.input_rotation", 4, "Hadamard-rotated layer inputs"),
+    Feature("recipe.activations.clip_ratio", 4, "clipped dynamic input ranges"),
+    Feature("recipe.overrides.*.activations.clip_ratio", 4, "clipped dynamic input ranges"),
+    Feature("recipe.layers.*.activations.clip_ratio", 4, "clipped dynamic input ranges"),
 )
 CONFIG_NAME = "quantdiff.json"
 WEIGHTS_NAME = "quantized.safetensors"

@@ -32,7 +32,7 @@ class Feature:
 
 
 def features_used(document: Any, features: Sequence[Feature]) -> list[Feature]:
-    """The features whose path is present in ``document``."""
+    """The features whose path is present in ``document`` with a value other than null."""
     return [feature for feature in features if _present(document, feature.path.split("."))]
 
 
@@ -80,4 +80,5 @@ def _present(node: Any, parts: list[str]) -> bool:
         else:
             return False
         return any(_present(child, rest) for child in children)
-    return isinstance(node, Mapping) and head in node and _present(node[head], rest)
+    # A key holding null is absent: writers before version 4 wrote an unused ``group_size`` as null.
+    return isinstance(node, Mapping) and node.get(head) is not None and _present(node[head], rest)

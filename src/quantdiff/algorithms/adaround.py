@@ -307,7 +307,7 @@ class ReconstructionLayer(nn.Module):
         if self.mode == "float":
             return self.layer(x)
         layer = self.layer
-        x = layer._pre_scaled(x)  # the prepared layer's own steps: see the class docstring
+        x = layer.balanced_input(x)  # the prepared layer's own steps: see the class docstring
         learn = self.mode == "soft"
         if self.input_scale is not None:
             x_q = self.input_scale.fake_quantize(x, layer._channel_dim(x), learn)

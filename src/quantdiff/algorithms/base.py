@@ -51,6 +51,7 @@ BUILTIN_ALGORITHMS: tuple[str, ...] = (
     "quantdiff.algorithms.bos_aware",
     "quantdiff.algorithms.gptq",
     "quantdiff.algorithms.lowrank",
+    "quantdiff.algorithms.rotation",
     "quantdiff.algorithms.shortcut_split",
     "quantdiff.algorithms.smoothquant",
     "quantdiff.algorithms.timestep_groups",

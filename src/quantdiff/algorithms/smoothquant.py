@@ -29,7 +29,7 @@ from quantdiff.errors import RecipeError
 from quantdiff.nn.weights import dequantize_weight, quantize_weight
 from quantdiff.observers import make_observer
 from quantdiff.pipelines.architectures import norm_feeds_of
-from quantdiff.primitives import compute_qparams, fake_quantize
+from quantdiff.primitives import channel_group_ranges, compute_qparams, fake_quantize
 from quantdiff.progress import Progress
 from quantdiff.recipe import TensorSpec
 
@@ -62,14 +62,23 @@ def per_row(s: Tensor, reduction_size: int) -> Tensor:
     return s.repeat_interleave(reduction_size // s.numel())
 
 
-def fake_quantize_rows(rows: Tensor, spec: TensorSpec) -> Tensor:
-    """Input rows ``(N, K)`` fake-quantized as the layer will: per row for dynamic per-token specs, else one
-    range over all rows chosen by the spec's observer."""
+def fake_quantize_rows(rows: Tensor, spec: TensorSpec, channels: int) -> Tensor:
+    """Input rows ``(N, K)`` of a layer with ``channels`` input channels fake-quantized as the layer will: per
+    row for dynamic per-token specs, per row and channel group for per-token-group specs, else one range over
+    all rows chosen by the spec's observer."""
     if spec.dynamic and spec.granularity == "token":
         low, high = rows.amin(dim=1, keepdim=True), rows.amax(dim=1, keepdim=True)  # (N, 1)
-        scale, zero_point = compute_qparams(low, high, spec.bits, spec.symmetric)
+        scale, zero_point = compute_qparams(low * spec.clip_ratio, high * spec.clip_ratio, spec.bits, spec.symmetric)
+    elif spec.dynamic and spec.granularity == "group":
+        # A convolution's im2col row is channel-major (each channel's kernel taps side by side): a run of
+        # group_size channels is group_size * taps entries of the row. The layer groups each pixel's channels;
+        # here one range covers the group's channels over all taps, a little wider (this only ranks alphas).
+        taps = rows.shape[1] // channels
+        low, high = channel_group_ranges(rows, 1, spec.group_size * taps)  # (N, K) each
+        scale, zero_point = compute_qparams(low * spec.clip_ratio, high * spec.clip_ratio, spec.bits, spec.symmetric)
     elif spec.dynamic:
-        scale, zero_point = compute_qparams(rows.min(), rows.max(), spec.bits, spec.symmetric)
+        low, high = rows.min() * spec.clip_ratio, rows.max() * spec.clip_ratio
+        scale, zero_point = compute_qparams(low, high, spec.bits, spec.symmetric)
     else:
         observer = make_observer(spec.observer, spec.bits, spec.symmetric, **dict(spec.observer_options))
         observer.update(rows.reshape(1, -1))
@@ -82,7 +91,7 @@ def quantized_output_error(
 ) -> float:
     """``sum_l |fq(X / s) fq(W_l s)^T - X W_l^T|^2`` for layers ``W_l`` that share the input rows ``X`` ``(N, K)``."""
     s_row = per_row(s, rows.shape[1])  # (K,)
-    x_q = fake_quantize_rows(rows / s_row, input_spec)  # (N, K)
+    x_q = fake_quantize_rows(rows / s_row, input_spec, s.numel())  # (N, K)
     error = 0.0
     for weight in weights:
         shape = (1, -1) + (1,) * (weight.dim() - 2)

@@ -72,7 +72,14 @@ from quantdiff.nn.kernels import (
 )
 from quantdiff.nn.weights import QuantizedWeight, dequantize_weight, quantize_weight
 from quantdiff.plan import LayerPlan, TensorDecl
-from quantdiff.primitives import compute_qparams, fake_quantize, integer_range, pack_int4
+from quantdiff.primitives import (
+    channel_group_ranges,
+    compute_qparams,
+    fake_quantize,
+    integer_range,
+    pack_int4,
+    rotate_channels,
+)
 from quantdiff.recipe import TensorSpec
 
 EXECUTION_MODES = ("auto", "integer", "reference")
@@ -340,7 +347,7 @@ class QuantizedLayer(nn.Module):
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
-        x = self._pre_scaled(x)
+        x = self.balanced_input(x)
         for tap in tuple(self._input_taps.values()):
             tap(x)
         if self.is_prepared:
@@ -353,16 +360,20 @@ class QuantizedLayer(nn.Module):
 
     def reference_forward(self, x: Tensor) -> Tensor:
         """The fake-quant path: the float op on the fake-quantized input and the dequantized weight."""
-        x = self._pre_scaled(x)
+        x = self.balanced_input(x)
         return self._with_branch(self._reference_op(x), x)
 
     def _reference_op(self, x: Tensor) -> Tensor:
         return self._op(self.quantize_input(x), self.dequantized_weight().to(x.dtype), _cast(self.bias, x))
 
-    def _pre_scaled(self, x: Tensor) -> Tensor:
-        if "input_pre_scale" not in self.extras:
-            return x
-        return x * self._per_channel(self.input_pre_scale.to(x.dtype))
+    def balanced_input(self, x: Tensor) -> Tensor:
+        """The input as the layer quantizes it: times the channel-balancing pre-scale, then rotated, where the
+        layer has those extras (identity otherwise)."""
+        if "input_pre_scale" in self.extras:
+            x = x * self._per_channel(self.input_pre_scale.to(x.dtype))
+        if "input_rotation" in self.extras:
+            x = rotate_channels(x, self._channel_dim(x), self.extras["input_rotation"]["block"])
+        return x
 
     def _with_branch(self, y: Tensor, x: Tensor) -> Tensor:
         if "lowrank" not in self.extras:
@@ -383,14 +394,19 @@ class QuantizedLayer(nn.Module):
 
     def call_input_qparams(self, x: Tensor) -> InputQParams:
         """The input scale and zero point of this call: the static pair, the current timestep group's, or
-        (dynamic inputs) computed from ``x``: per tensor, or per token / pixel (shaped to broadcast over ``x``)."""
+        (dynamic inputs) computed from ``x``: per tensor, per token / pixel, or per token / pixel and channel group
+        (shaped to broadcast over ``x``)."""
         spec = self.input_spec
         if spec.dynamic:
             if spec.granularity == "token":
                 channel = self._channel_dim(x)
                 low, high = x.amin(dim=channel, keepdim=True), x.amax(dim=channel, keepdim=True)  # (..., 1)
+            elif spec.granularity == "group":
+                low, high = channel_group_ranges(x, self._channel_dim(x), spec.group_size)  # x's shape
             else:
                 low, high = x.min(), x.max()
+            if spec.clip_ratio != 1.0:
+                low, high = low * spec.clip_ratio, high * spec.clip_ratio
             return InputQParams(*compute_qparams(low, high, spec.bits, spec.symmetric))
         if "input_split" in self.extras:  # one pair per part, laid out per channel
             sizes = self._split_sizes(x)

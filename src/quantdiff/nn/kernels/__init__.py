@@ -192,6 +192,11 @@ def shared_blockers(inputs: KernelInputs) -> list[str]:
     activations = inputs.activations
     if activations is None:
         blockers.append("weight-only layer (inputs stay floating point: no int8 input for the kernel)")
+    elif activations.granularity == "group":
+        blockers.append(
+            f"per-token input scales in groups of {activations.group_size} channels (the kernels factor one "
+            "input scale per row out of the whole sum)"
+        )
     elif (
         activations.granularity == "token"
         and inputs.conv is not None

@@ -87,6 +87,7 @@ class Int8MatmulKernel:
         self.weight_t = w.t().contiguous()  # (K, C_out): the GEMM's second operand, contiguous
         self.is_conv = inputs.conv is not None
         self.per_token = activations.granularity == "token"
+        self.clip_ratio = activations.clip_ratio
         self.bits, self.symmetric = activations.bits, activations.symmetric
         if activations.symmetric:  # signed q in [-2^(b-1), 2^(b-1) - 1], zero point 0
             self.q_low, self.q_high, self.shift = -(1 << (activations.bits - 1)), (1 << (activations.bits - 1)) - 1, 0
@@ -132,6 +133,7 @@ class Int8MatmulKernel:
         rows = x2d.shape[0]
         if self.per_token:  # a scale and zero point per row, from the row's own range
             low, high = x2d.float().amin(dim=1, keepdim=True), x2d.float().amax(dim=1, keepdim=True)  # (M, 1)
+            low, high = low * self.clip_ratio, high * self.clip_ratio
             x_scale, x_zp = compute_qparams(low, high, self.bits, self.symmetric)  # (M, 1), (M, 1)
             compensation = (x_zp - self.shift) * self.row_sums  # (M, C_out) int32
             out_scale = x_scale * self.w_scale  # (M, C_out)

@@ -244,6 +244,7 @@ class IntegerKernel:
         c_out = inputs.c_out
         self.bits, self.symmetric = activations.bits, activations.symmetric
         self.per_token = activations.granularity == "token"
+        self.clip_ratio = activations.clip_ratio
         self.q_max = (1 << (activations.bits - 1)) - 1  # largest signed value of symmetric inputs
         if activations.symmetric:  # signed q in [-2^(b-1), 2^(b-1)-1] is u8 q + 128 with zero point 128
             self.q_low, self.q_high = 128 - (1 << (activations.bits - 1)), 127 + (1 << (activations.bits - 1))
@@ -324,9 +325,10 @@ class IntegerKernel:
         """Per-token (per-pixel) ``(scale, zero point)`` of ``x`` as the kernel takes them, bit-identical to
         ``compute_qparams`` of each token's min / max along the channel dimension, kept for broadcasting.
         Symmetric: ``max|x| / q_max`` and the fixed uint8 shift; asymmetric: a zero point per token."""
+        clip = self.clip_ratio  # the layer multiplies each range by it first: the same product, bit for bit
         if self.symmetric:
-            return (x.abs().amax(dim=channel, keepdim=True) / self.q_max).clamp_min(SCALE_EPS), self.x_zp
-        low, high = x.amin(dim=channel, keepdim=True), x.amax(dim=channel, keepdim=True)
+            return (x.abs().amax(dim=channel, keepdim=True) * clip / self.q_max).clamp_min(SCALE_EPS), self.x_zp
+        low, high = x.amin(dim=channel, keepdim=True) * clip, x.amax(dim=channel, keepdim=True) * clip
         return compute_qparams(low, high, self.bits, False)
 
     def rescale_tokens(self, y: Tensor, scale: Tensor, zero_point: Tensor | int, w_row_sums: Tensor) -> Tensor:

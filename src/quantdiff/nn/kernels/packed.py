@@ -584,7 +584,7 @@ class PackedBackend:
         weights, activations = inputs.weights, inputs.activations
         if activations is None or weights.packed or weights.granularity == "group":
             return True
-        return activations.granularity != "token" and packed_support().amx
+        return activations.granularity == "tensor" and packed_support().amx
 
     def decide(
         self, inputs: KernelInputs, support: PackedSupport | None = None, allow_inexact: bool = False
