@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -37,7 +38,7 @@ def test_presets_have_the_documented_bits():
         twin = PRESETS[f"{name}-minmax"]  # ... and their naive twins: min-max, static, no algorithms
         assert twin.label == PRESETS[name].label and not twin.algorithms and twin.activations.observer == "minmax"
         assert twin.weights.observer == "minmax" and not twin.activations.dynamic
-    assert [a.TYPE for a in PRESETS["w4a4"].algorithms] == ["smoothquant", "gptq"]
+    assert [a.TYPE for a in PRESETS["w4a4"].algorithms] == ["smoothquant", "rotation", "gptq"]
     assert PRESETS["w8a4"].activations.group_size == 16 and PRESETS["w4a4"].activations.clip_ratio == 0.9
     assert [a.TYPE for a in PRESETS["w2a8"].algorithms] == ["adaround"] and PRESETS["w2a8"].weights.group_size == 64
     assert PRESETS["w8a8-int"].weights.pair_safe and not PRESETS["w8a8"].weights.pair_safe
@@ -73,6 +74,8 @@ overrides:
     recipe = load_recipe(tmp_path / "r.yaml")
     assert recipe.weights == TensorSpec(6, True, "group", 64, "mse", {"p": 2.0})
     assert recipe.label == "W6A8"
+    searched = dataclasses.replace(recipe, layers={"conv_in": LayerOverride("conv_in", weights={"bits": 2})})
+    assert searched.label == "mixed (base W6A8)"  # bits differ per layer: the base format alone would mislead
     assert recipe.specs_for(recipe.overrides[0])[0].bits == 8
     assert recipe.specs_for(recipe.overrides[1])[1] is None
     (tmp_path / "r.json").write_text(json.dumps(recipe.to_dict()))

@@ -353,8 +353,10 @@ class Recipe:
 
     @property
     def label(self) -> str:
-        """``W8A8``-style label."""
-        return f"W{self.weights.bits}A{self.activations.bits if self.activations else 16}"
+        """``W8A8``-style label; ``mixed (base W8A8)`` for a recipe with exact per-layer entries (a searched
+        allocation), whose bits differ per layer."""
+        base = f"W{self.weights.bits}A{self.activations.bits if self.activations else 16}"
+        return f"mixed (base {base})" if self.layers else base
 
     def specs_for(self, override: LayerOverride) -> tuple[TensorSpec | None, TensorSpec | None]:
         """The (weight, activation) specs of layers matched by ``override``; ``(None, None)`` if skipped."""
@@ -556,7 +558,10 @@ PRESETS: Mapping[str, Recipe] = MappingProxyType(
         "w4a6": Recipe(name="w4a6", weights=_W4, activations=_token(6), algorithms=_algorithms("smoothquant", "gptq")),
         "w4a6-minmax": Recipe(name="w4a6-minmax", weights=_W4_MINMAX, activations=_static_minmax(6)),
         "w4a4": Recipe(
-            name="w4a4", weights=_W4, activations=_token_groups(4), algorithms=_algorithms("smoothquant", "gptq")
+            name="w4a4",
+            weights=_W4,
+            activations=_token_groups(4),
+            algorithms=_algorithms("smoothquant", "rotation", "gptq"),
         ),
         "w4a4-minmax": Recipe(name="w4a4-minmax", weights=_W4_MINMAX, activations=_static_minmax(4)),
         # 3- and 2-bit weights in groups of 64: AdaRound + BRECQ block reconstruction, the best measured (digits-sd,
