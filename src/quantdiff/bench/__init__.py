@@ -30,7 +30,10 @@ Rows. One row per (model, latent size, method). Methods of the CPU suite (:data:
   ``pt2e-compile`` (PT2E static int8, ``X86InductorQuantizer`` default config, calibrated on the same
   inputs as quantdiff, then ``torch.compile``), ``quanto-w8a8`` (+ ``-compile``) / ``quanto-w8``
   (optimum-quanto), ``torchao-w8`` (+ ``-compile``) / ``torchao-w8a8`` (+ ``-compile``), ``ort-qdq``
-  (ONNX Runtime static int8 QDQ, u8 activations, s8 per-channel weights).
+  (ONNX Runtime static int8 QDQ, u8 activations, s8 per-channel weights), ``openvino-fp32`` /
+  ``openvino-bf16`` / ``openvino-int8`` (``openvino.convert_model`` on the CPU plugin; int8: NNCF
+  ``nncf.quantize`` calibrated on the same inputs as quantdiff), ``sdnq-w8a8`` / ``sdnq-w4`` (SD.Next's
+  sdnq: int8 weights with its int8 matmul, uint4 weights dequantized per call).
 
 Inputs. Batch 1 by default (one latent; classifier-free guidance would double it: ``batch=2``). Calibration
 (quantdiff and PT2E, the very same inputs): ``calibration_inputs`` Gaussian latents at evenly spread
@@ -64,7 +67,7 @@ VmHWM, reset through ``/proc/self/clear_refs`` (or a 2 ms RSS sampler where that
   tensor attributes, the inner tensors of tensor subclasses (torchao, quanto), torch.ao packed weights,
   and quantdiff's prepacked kernel copies (integer mode releases ``weight_q`` to the packed copy, so a W8
   layer holds 1 byte per weight); fp32 layers a method leaves unquantized count too. ``ort-qdq``: the quantized ONNX
-  model's bytes. What ``torch.compile`` adds (frozen / prepacked weight copies plus generated code) cannot
+  model's bytes; ``openvino-*``: the OpenVINO model's constants (fp32 ones at 2 bytes where it runs in bf16). What ``torch.compile`` adds (frozen / prepacked weight copies plus generated code) cannot
   be split by tensor; it is measured as RSS and reported as ``compile_added_bytes``.
 * ``held_bytes``: RSS the method added when it was built (after its first calls, settled), including
   ``compile_added_bytes``; for ``fp32`` the model itself.

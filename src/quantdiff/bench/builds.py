@@ -1,7 +1,7 @@
 """How each in-process method's model is made from the fp32 reference: quantdiff's formats, bf16 and the int8
-peers (torch.ao dynamic, PT2E, optimum-quanto, torchao), with what a builder gets (:class:`BuildContext`),
+peers (torch.ao dynamic, PT2E, optimum-quanto, torchao, sdnq), with what a builder gets (:class:`BuildContext`),
 what it hands back (:class:`Built`) and the helpers they share. ONNX Runtime's builder is in
-:mod:`quantdiff.bench.ort`.
+:mod:`quantdiff.bench.ort`, OpenVINO's in :mod:`quantdiff.bench.openvino`.
 """
 
 from __future__ import annotations
@@ -269,3 +269,48 @@ def build_torchao(ctx: BuildContext, dynamic_activations: bool) -> Built:
         quantize_(model, config)  # nn.Linear only (torchao's default filter); Conv2d stays fp32
     convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
     return _eager(model, ctx, "torchao", f"{type(config).__name__} on nn.Linear; {convs} Conv2d fp32")
+
+
+def build_sdnq(ctx: BuildContext, weights_dtype: str, quantized_matmul: bool) -> Built:
+    """sdnq (SD.Next's quantizer) ``sdnq_post_load_quant`` on nn.Linear and nn.Conv2d, with its defaults otherwise
+    (automatic group size, layers under 16384 weights and its model skip keys left fp32). ``quantized_matmul``:
+    int8 matmul with inputs quantized per row at each call (sdnq runs it with OpenVINO's matmul on the CPU
+    where openvino is installed, else ``torch._int_mm``); without it, weights dequantized per call."""
+    import sdnq
+    from sdnq import kernel_wrappers
+    from sdnq.common import check_torch_compile
+
+    if kernel_wrappers.openvino_int_mm is not None:  # its OpenVINO matmuls get torch's threads, as ORT does
+        from sdnq.kernels.openvino_mm import get_ov_core
+
+        get_ov_core()[0].set_property("CPU", {"INFERENCE_NUM_THREADS": ctx.threads})
+    model = share_weights_copy(ctx.reference)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = sdnq.sdnq_post_load_quant(
+            model,
+            weights_dtype=weights_dtype,
+            quant_conv=True,
+            use_quantized_matmul=quantized_matmul,
+            use_quantized_matmul_conv=quantized_matmul,
+        )
+    layers = [m for m in model.modules() if hasattr(m, "sdnq_dequantizer")]
+    if not layers:
+        raise RuntimeError("sdnq quantized no layer")
+    kinds = Counter(type(m).__name__.removeprefix("SDNQ") for m in layers)
+    matmul = sum(m.sdnq_dequantizer.use_quantized_matmul for m in layers)
+    skipped = sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in model.modules()) - len(layers)
+    detail = f"{weights_dtype} weights in {', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}; "
+    if quantized_matmul:
+        kernel = "OpenVINO matmul" if kernel_wrappers.openvino_int_mm is not None else "torch._int_mm"
+        detail += f"{matmul} with int8 matmul ({kernel}, inputs quantized per row at each call), the rest dequantized"
+    else:
+        detail += "weights dequantized per call"
+    detail += f"; {skipped} Linear/Conv2d fp32 (sdnq's size floor and skip keys)"
+    detail += "; its kernels torch.compile'd" if check_torch_compile() else "; eager kernels"
+    built = _eager(model, ctx, "sdnq", detail)
+    built.notes.append(
+        f"sdnq {sdnq.__version__}; its first call compiles its kernels (in the one-time cost); importing sdnq "
+        "raises dynamo's recompile limits for the whole process"
+    )
+    return built

@@ -23,10 +23,12 @@ from quantdiff.bench.builds import (
     build_pt2e,
     build_quantdiff,
     build_quanto,
+    build_sdnq,
     build_torchao,
     minmax_weights,
     one_line,
 )
+from quantdiff.bench.openvino import build_openvino
 from quantdiff.bench.ort import build_ort
 from quantdiff.recipe import PRESETS, Recipe, TensorSpec
 
@@ -64,6 +66,7 @@ class MethodSpec:
 
 _BOTH, _GPU, _COMPILE, _GRAPHS = BASELINES, ("bf16",), "default", "reduce-overhead"
 _QD, _QUANTO, _TORCHAO = "quantdiff", ("optimum.quanto",), ("torchao",)
+_OV, _NNCF, _SDNQ = ("openvino",), ("openvino", "nncf"), ("sdnq",)
 METHODS: Mapping[str, MethodSpec] = MappingProxyType(
     {
         m.name: m
@@ -110,6 +113,11 @@ METHODS: Mapping[str, MethodSpec] = MappingProxyType(
                 "torchao-w8a8-compile", "torchao dynamic W8A8 + compile", "peer", "torchao-w8a8", _COMPILE, _TORCHAO
             ),
             MethodSpec("ort-qdq", "ONNX Runtime int8 QDQ", "peer", "ort", requires=("onnxruntime", "onnx")),
+            MethodSpec("openvino-fp32", "OpenVINO fp32", "peer", "openvino-fp32", requires=_OV),
+            MethodSpec("openvino-bf16", "OpenVINO bf16", "peer", "openvino-bf16", requires=_OV),
+            MethodSpec("openvino-int8", "OpenVINO int8 (NNCF)", "peer", "openvino-int8", requires=_NNCF),
+            MethodSpec("sdnq-w8a8", "sdnq int8 + int8 matmul", "peer", "sdnq-w8a8", requires=_SDNQ),
+            MethodSpec("sdnq-w4", "sdnq uint4 weights", "peer", "sdnq-w4", requires=_SDNQ),
         )
     }
 )
@@ -159,6 +167,9 @@ BUILDERS: Mapping[str, Callable[[BuildContext], Built]] = MappingProxyType(
         "torchao-w8": functools.partial(build_torchao, dynamic_activations=False),
         "torchao-w8a8": functools.partial(build_torchao, dynamic_activations=True),
         "ort": build_ort,
+        **{f"openvino-{mode}": functools.partial(build_openvino, mode=mode) for mode in ("fp32", "bf16", "int8")},
+        "sdnq-w8a8": functools.partial(build_sdnq, weights_dtype="int8", quantized_matmul=True),
+        "sdnq-w4": functools.partial(build_sdnq, weights_dtype="uint4", quantized_matmul=False),
     }
 )
 
@@ -174,6 +185,11 @@ BUILD_ORDER = (
     "bf16",
     "fp32",
     "ort",
+    "openvino-fp32",
+    "openvino-bf16",
+    "openvino-int8",
+    "sdnq-w8a8",
+    "sdnq-w4",
     "ao-dynamic",
     "quanto-w8a8",
     "quanto-w8",
@@ -236,6 +252,13 @@ _MEMORY = MappingProxyType(
         "torchao-w8": ((0.0, 0.27), 0.5, 1.5),
         "torchao-w8a8": ((0.0, 0.27), 0.5, 1.5),
         "ort": (0.6, 0.5, 0.0),
+        # OpenVINO: the converted model shares the fp32 tensors; the plugin's copy (f32 / bf16 / int8), the
+        # tracing and NNCF's statistics models while building
+        "openvino-fp32": (1.0, 1.0, 0.0),
+        "openvino-bf16": (0.5, 1.0, 0.0),
+        "openvino-int8": (0.3, 2.0, 0.0),
+        "sdnq-w8a8": (0.3, 0.3, 0.0),
+        "sdnq-w4": (0.2, 0.3, 0.0),
     }
 )
 # ONNX export + quantize_static peak, x fp32 weight bytes: a lower bound. SD1.5 at 32x32 measured 14.1 GB (4.1x);

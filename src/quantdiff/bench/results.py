@@ -173,7 +173,8 @@ def _plain(value: Any) -> Any:
 
 
 _FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8", "amx_bf16")
-_PACKAGES = ("diffusers", "torchao", "optimum-quanto", "onnxruntime", "onnx", "onnxscript", "accelerate")
+_PEERS = ("torchao", "optimum-quanto", "onnxruntime", "onnx", "onnxscript", "openvino", "nncf", "sdnq")
+_PACKAGES = ("diffusers", *_PEERS, "accelerate")
 
 
 def machine_info(device: str = "cpu") -> MachineInfo:

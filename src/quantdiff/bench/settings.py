@@ -47,7 +47,7 @@ class BenchSettings:
         methods: method names (:data:`METHODS`); the baseline's eager method is always included.
         repeats: timed rounds per group.
         warmup: untimed rounds before them (each method also ran twice when it was built).
-        threads: torch (and ONNX Runtime) threads; ``None`` keeps torch's setting.
+        threads: torch (and ONNX Runtime, OpenVINO) threads; ``None`` keeps torch's setting.
         batch: latents per call (1; 2 = classifier-free guidance).
         calibration_inputs: random calibration inputs for quantdiff and PT2E.
         seed: weights, inputs and the random round order.

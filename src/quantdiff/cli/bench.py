@@ -34,7 +34,7 @@ def add_parser(verbs) -> None:
     )
     parser.add_argument("--repeats", type=int, help="timed rounds per group (default 5; --quick 3; CUDA 10)")
     parser.add_argument("--warmup", type=int, help="untimed rounds before them (default 1; CUDA 2)")
-    parser.add_argument("--threads", type=int, help="torch / ONNX Runtime threads (default: torch's)")
+    parser.add_argument("--threads", type=int, help="torch / ONNX Runtime / OpenVINO threads (default: torch's)")
     parser.add_argument(
         "--batch", type=int, default=1, help="latents per step (default 1; 2 = classifier-free guidance)"
     )
