@@ -203,7 +203,7 @@ def test_missing_folder(tmp_path, capsys):
     assert _no_output(tmp_path, "q")
 
 
-BUNDLED_LIST = "(bundled: digits-sd, digits-sd3, tiny-sd15, tiny-sdxl, tiny-sd3, tiny-pixart)"
+BUNDLED_LIST = "(bundled: digits-sd, digits-sd3, digits-sd-turbo, tiny-sd15, tiny-sdxl, tiny-sd3, tiny-pixart)"
 
 
 def test_a_mistyped_name_lists_the_bundled_names_and_suggests_the_closest(tmp_path, monkeypatch, capsys):

@@ -1,9 +1,10 @@
 """Model names that quantdiff provides itself, accepted wherever a model folder is.
 
 ``digits-sd`` (Stable Diffusion layout) and ``digits-sd3`` (SD3 / MMDiT layout) are small text-to-image
-models trained on coloured digits by ``scripts/train_digits.py``; their fp16 weights ship inside the
-package with the digits demo (``quantdiff/demo/digits/models``), with their own calibration and
-evaluation prompts.
+models trained on coloured digits by ``scripts/train_digits.py``; ``digits-sd-turbo`` is ``digits-sd``
+distilled to 1-4 steps (a frozen contrastive CLIP text encoder, latent consistency distillation,
+``LCMScheduler``; evaluated at 2 steps). Their fp16 weights ship inside the package with the digits demo
+(``quantdiff/demo/digits/models``), with their own calibration and evaluation prompts.
 
 ``tiny-sd15``, ``tiny-sdxl``, ``tiny-sd3`` and ``tiny-pixart`` are random-weight pipelines built from
 configs (``quantdiff.testing.tiny``) on first use and cached, so ``quantdiff serve tiny-sd15`` works on
@@ -22,10 +23,7 @@ from quantdiff.errors import QuantDiffError
 from quantdiff.testing.tiny import TINY_ARCHITECTURES, build_tiny_pipeline
 
 TINY = tuple(f"tiny-{arch}" for arch in TINY_ARCHITECTURES)
-# models/digits-sd-turbo (the few-step model of issue 17) ships as a training checkpoint to continue from
-# (scripts/train_digits.py --model turbo --init-from ... --stage 1): at 67% alignment it is below the 85% a
-# bundled model must reach (tests/test_bundled_models.py), so it is not a bundled name yet; pass its path.
-TRAINED = ("digits-sd", "digits-sd3")
+TRAINED = ("digits-sd", "digits-sd3", "digits-sd-turbo")
 BUNDLED = TRAINED + TINY
 
 
@@ -66,8 +64,9 @@ def trained_model_folder(name: str) -> Path:
     """The shipped folder of a trained bundled model (inside the installed package)."""
     folder = Path(str(resources.files("quantdiff.demo.digits").joinpath("models", name)))
     if not (folder / "model_index.json").is_file():
+        model = name.removeprefix("digits-sd-").removeprefix("digits-")  # digits-sd-turbo: --model turbo
         raise QuantDiffError(
             f"bundled model '{name}' is missing from this install ({folder}); "
-            f"train it with: python scripts/train_digits.py --model {name.removeprefix('digits-')}"
+            f"train it with: python scripts/train_digits.py --model {model}"
         )
     return folder
