@@ -133,7 +133,8 @@ class Int8MatmulKernel:
         rows = x2d.shape[0]
         if self.per_token:  # a scale and zero point per row, from the row's own range
             low, high = x2d.float().amin(dim=1, keepdim=True), x2d.float().amax(dim=1, keepdim=True)  # (M, 1)
-            low, high = low * self.clip_ratio, high * self.clip_ratio
+            if self.clip_ratio != 1.0:  # as the layer clips: the same products, bit for bit
+                low, high = low * self.clip_ratio, high * self.clip_ratio
             x_scale, x_zp = compute_qparams(low, high, self.bits, self.symmetric)  # (M, 1), (M, 1)
             compensation = (x_zp - self.shift) * self.row_sums  # (M, C_out) int32
             out_scale = x_scale * self.w_scale  # (M, C_out)

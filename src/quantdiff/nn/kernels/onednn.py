@@ -327,8 +327,11 @@ class IntegerKernel:
         Symmetric: ``max|x| / q_max`` and the fixed uint8 shift; asymmetric: a zero point per token."""
         clip = self.clip_ratio  # the layer multiplies each range by it first: the same product, bit for bit
         if self.symmetric:
-            return (x.abs().amax(dim=channel, keepdim=True) * clip / self.q_max).clamp_min(SCALE_EPS), self.x_zp
-        low, high = x.amin(dim=channel, keepdim=True) * clip, x.amax(dim=channel, keepdim=True) * clip
+            absmax = x.abs().amax(dim=channel, keepdim=True)
+            return ((absmax * clip if clip != 1.0 else absmax) / self.q_max).clamp_min(SCALE_EPS), self.x_zp
+        low, high = x.amin(dim=channel, keepdim=True), x.amax(dim=channel, keepdim=True)
+        if clip != 1.0:
+            low, high = low * clip, high * clip
         return compute_qparams(low, high, self.bits, False)
 
     def rescale_tokens(self, y: Tensor, scale: Tensor, zero_point: Tensor | int, w_row_sums: Tensor) -> Tensor:
