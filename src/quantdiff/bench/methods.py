@@ -30,7 +30,7 @@ from quantdiff.bench.builds import (
 )
 from quantdiff.bench.openvino import build_openvino
 from quantdiff.bench.ort import build_ort
-from quantdiff.recipe import PRESETS, Recipe, TensorSpec
+from quantdiff.recipe import PRESETS, LayerOverride, Recipe, TensorSpec
 
 BASELINES = ("fp32", "bf16")  # the CPU suite's and the GPU suite's (see the quantdiff.bench docstring)
 
@@ -93,6 +93,7 @@ METHODS: Mapping[str, MethodSpec] = MappingProxyType(
             ),
             MethodSpec("qd-w4a8-mse", "quantdiff W4A8 (preset)", _QD, "qd-w4a8-mse"),
             MethodSpec("qd-w4a8-ch", "quantdiff W4A8 per-channel (packed int4)", _QD, "qd-w4a8-ch"),
+            MethodSpec("qd-w4a8-mixed", "quantdiff W4A8 mixed 2/4/8-bit (MixDQ search's roles)", _QD, "qd-w4a8-mixed"),
             MethodSpec("qd-w8a16", "quantdiff W8A16", _QD, "qd-w8a16"),
             MethodSpec("qd-w4a16", "quantdiff W4A16 (group 128, dequantized per call)", _QD, "qd-w4a16"),
             MethodSpec("qd-w4a16-mse", "quantdiff W4A16 (preset)", _QD, "qd-w4a16-mse"),
@@ -148,6 +149,24 @@ _QD_RECIPES: Mapping[str, Recipe | Callable[[Recipe], Recipe] | None] = MappingP
             weights=TensorSpec(bits=4, symmetric=True, granularity="channel", observer="minmax"),
             activations=PRESETS["w4a8"].activations,
         ),
+        # The widths the MixDQ search chose for digits-sd at a 4-bit average (README, MixDQ table), by layer
+        # role: text keys 2-bit, the attention blocks' input / output projections and the skip convolutions
+        # 8-bit, the rest 4-bit per channel. Random weights have no sensitivity to search, and a speed and
+        # memory row needs only the widths: the row says what a searched mix costs to run.
+        "qd-w4a8-mixed": Recipe(
+            name="w4a8-mixed-roles",
+            weights=TensorSpec(bits=4, symmetric=True, granularity="channel", observer="minmax"),
+            activations=PRESETS["w4a8"].activations,
+            overrides=tuple(
+                LayerOverride(pattern, weights={"bits": bits})
+                for pattern, bits in (
+                    ("*.attn2.to_k", 2),
+                    ("*.proj_in", 8),
+                    ("*.proj_out", 8),
+                    ("*.conv_shortcut", 8),
+                )
+            ),
+        ),
         "qd-w8a16": PRESETS["w8a16"],
         "qd-w4a16": minmax_weights(PRESETS["w4a16"], "w4a16-minmax-weights"),
         "qd-w4a16-mse": PRESETS["w4a16"],
@@ -198,6 +217,7 @@ BUILD_ORDER = (
     "qd-w4a8",
     "qd-w4a16",
     "qd-w4a8-ch",
+    "qd-w4a8-mixed",
     "qd-w8a16",
     "qd-w8a8-tg4",
     "qd-w8a8-token",
@@ -240,6 +260,7 @@ _MEMORY = MappingProxyType(
         "qd-w4a8": (0.15, 0.4, 0.1),
         "qd-w4a8-mse": (0.15, 0.4, 0.1),
         "qd-w4a8-ch": (0.15, 0.4, 0.1),  # packed int4 (0.4 while oneDNN held it widened to int8)
+        "qd-w4a8-mixed": (0.2, 0.4, 0.1),
         "qd-w8a16": (0.27, 0.3, 0.1),
         "qd-w4a16": (0.15, 0.4, 0.1),
         "qd-w4a16-mse": (0.15, 0.4, 0.1),
