@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from quantdiff.primitives import (
+    channel_group_ranges,
     compute_qparams,
     dequantize,
     fake_quantize,
+    fake_quantize_channel_groups,
     group_rows,
     integer_range,
     pack_int4,
@@ -296,3 +298,23 @@ def test_sqnr_decreases_with_fewer_bits_on_gaussian_weights():
     assert results[8] >= 35.0
     assert 15.0 <= results[4] <= 22.0
     assert results[8] > results[6] > results[4] > results[2]
+
+
+@pytest.mark.parametrize(
+    "shape, dim, group_size, bits, symmetric, clip",
+    [
+        ((2, 7, 48), -1, 16, 4, False, 1.0),
+        ((2, 7, 40), -1, 16, 4, False, 0.9),  # a last group of 8 channels, zero padded
+        ((3, 40, 5, 6), 1, 16, 6, True, 0.9),  # a convolution's (N, C, H, W) input
+        ((10, 33), 1, 64, 8, False, 1.0),  # one group, wider than the channels
+    ],
+)
+def test_grouped_fake_quantize_is_the_spread_ranges_bit_for_bit(shape, dim, group_size, bits, symmetric, clip):
+    torch.manual_seed(0)
+    x = torch.randn(shape) * torch.logspace(-1, 1, shape[dim]).reshape([-1 if d == dim % len(shape) else 1 for d in range(len(shape))])
+    low, high = channel_group_ranges(x, dim, group_size)
+    scale, zero_point = compute_qparams(low * clip, high * clip, bits, symmetric)
+    expected = fake_quantize(x, scale, zero_point, bits, symmetric)
+    got = fake_quantize_channel_groups(x, dim, group_size, bits, symmetric, clip)
+    assert got.shape == x.shape and torch.equal(got, expected)
+    assert 3.0 * bits < sqnr_db(x, got) < 6.5 * bits + 6  # a quantization at that width, not a copy or noise

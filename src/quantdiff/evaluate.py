@@ -36,7 +36,7 @@ from quantdiff.demo.digits.evaluator import adherence, load_evaluator, predict
 from quantdiff.errors import QuantDiffError
 from quantdiff.evaluation.metrics import fid_from_features, inception_score, psnr, ssim
 from quantdiff.evaluation.prompt_sets import EvalPrompt, EvaluationSet, read_evaluation_set
-from quantdiff.generate import describe_execution, load_any_pipeline, step_callback_kwargs
+from quantdiff.generate import describe_execution, load_any_pipeline, refuse_inert_attention, step_callback_kwargs
 from quantdiff.pipelines.loading import denoiser_of
 from quantdiff.progress import Progress
 from quantdiff.quantize import quantization_info
@@ -219,6 +219,8 @@ def evaluate(
     Returns:
         The report and each model's images by name ((N, H, W, 3) uint8), for the grid.
     """
+    if quantized:
+        refuse_inert_attention(attention, execution)  # before the FP model's images, not after
     evaluation = evaluation_set_for(model, prompts)
     chosen = [evaluation.prompts[i % len(evaluation.prompts)] for i in range(settings.num_images)]
     texts = [p.text for p in chosen]

@@ -46,7 +46,8 @@ def load_any_pipeline(
             :func:`quantdiff.nn.use_execution`); ``"reference"`` the fake-quant path everywhere. Ignored for
             floating-point folders.
         attention: in integer and auto execution, the dtype of scaled-dot-product attention: ``"auto"`` (bf16
-            on CPUs with native bf16), ``"float32"`` or ``"bfloat16"`` (see :mod:`quantdiff.nn.attention`).
+            on CPUs with native bf16), ``"float32"``, ``"bfloat16"`` or ``"int8"`` (QK^T and PV in int8, CPU
+            only; see :mod:`quantdiff.nn.attention`).
     """
     if execution not in EXECUTIONS:
         raise QuantDiffError(f"execution {execution!r} is unknown: use one of {', '.join(EXECUTIONS)}")
@@ -54,11 +55,25 @@ def load_any_pipeline(
         raise QuantDiffError(f"attention {attention!r} is unknown: use one of {', '.join(ATTENTION_CHOICES)}")
     if not is_quantized_folder(path):
         return load_pipeline(path, device=device, **components)
+    refuse_inert_attention(attention, execution)
     pipe = load_quantized_pipeline(path, device=device, **components)
     if execution != "reference":
         _, denoiser = denoiser_of(pipe)
-        use_execution(denoiser, execution, attention=attention)
+        try:
+            use_execution(denoiser, execution, attention=attention)
+        except ValueError as error:  # e.g. int8 attention asked of a model on a GPU
+            raise QuantDiffError(f"--attention {attention}: {error}") from None
     return pipe
+
+
+def refuse_inert_attention(attention: str, execution: str) -> None:
+    """Refuse int8 attention with the reference execution of a quantized folder, which keeps fp32 attention:
+    saying nothing would let an int8-attention measurement silently measure fp32 attention."""
+    if attention == "int8" and execution == "reference":
+        raise QuantDiffError(
+            "attention 'int8' (--attention int8) takes effect in integer or auto execution only: add "
+            "--execution integer (or auto)"
+        )
 
 
 def describe_execution(pipe) -> str | None:
@@ -80,9 +95,12 @@ def describe_execution(pipe) -> str | None:
         )
         counts += f", {len(summary.pending)} chosen at their first call" if summary.pending else ""
         counts += f", {len(summary.reference)} on the reference path" if summary.reference else ""
-    return f"{summary.mode} execution: {counts}" + (
-        f", attention in {describe_attention(summary.attention)}" if summary.attention else ""
-    )
+    attention = f", attention in {describe_attention(summary.attention)}" if summary.attention else ""
+    if summary.attention == "int8":
+        from quantdiff.nn.int8_attention import int8_attention_support
+
+        attention += f" ({int8_attention_support().describe()})"
+    return f"{summary.mode} execution: {counts}{attention}"
 
 
 def generate(

@@ -29,7 +29,7 @@ JSON schema (``inspect --json``)::
         "support": str,           # what this CPU's int8 kernels can do
         "integer_layers": int, "float_layers": int, "reference_layers": int, "widened_layers": int,
         "float_bytes": int,       # auto: fp32 weight copies of the layers on the float path (in held_bytes)
-        "attention": "float32" | "bfloat16" | "bfloat16-large" | null,  # SDPA dtype (large calls in bf16 on native-bf16 CPUs)
+        "attention": "float32" | "bfloat16" | "bfloat16-large" | "int8" | null,  # SDPA dtype (large calls in bf16 on native-bf16 CPUs)
         "held_bytes": int,        # the denoiser in integer mode: packed kernel copies + tensors still held
         "ratio_vs_fp32": float}
     }

@@ -19,12 +19,23 @@ its fp32 ``F.scaled_dot_product_attention`` calls into the same call on bf16 que
 output cast back. The projections (quantized or not), norms and everything else are untouched; no diffusers
 code is copied, nothing global changes, and ``torch.compile`` traces through the mode. The wrapper keeps
 the inner processor's call signature, which diffusers reads to route ``cross_attention_kwargs``.
+
+``"int8"`` (off by default, never chosen by ``"auto"``): the same kind of wrapper, an
+:class:`Int8AttentionProcessor`, turns the fp32 SDPA calls into :func:`quantdiff.nn.int8_attention.int8_sdpa`:
+QK^T and PV on int8 integers with the softmax in fp32, on the AMX kernel where the CPU has AMX-INT8 (else in
+plain torch). Calls it cannot take (dropout, causal, gradients, non-fp32 inputs) run in fp32 and are counted
+with the reason (:func:`int8_fallbacks`). Measured (benchmarks/KERNELS.md, section 7): 38-40 dB from fp32 per
+call on Gaussian inputs at SD1.5 shapes (bf16: 48-49 dB), 56 / 47 dB on the digits-sd / digits-sd3 models'
+own attention inputs (bf16: 54.5 / 52.5 dB), their W8A8 images as with fp32 attention; on the 2-core AMX Xeon
+at 1 thread 0.98x bf16's time at 2x8x4096x4096x40, 0.59x at the 77-token cross-attention, slower than bf16 at
+1024 tokens and below: 0.94-0.98x bf16's attention time over an SD1.5 step at 64x64. Hence off by default.
 """
 
 from __future__ import annotations
 
 import inspect
 import os
+from collections import Counter
 from typing import Any
 
 import torch
@@ -36,20 +47,23 @@ __all__ = [
     "ATTENTION_CHOICES",
     "ATTENTION_DTYPES",
     "AUTO_BF16_MIN_FLOPS",
+    "AttentionModeProcessor",
     "BF16AttentionProcessor",
     "BOSAwareAttentionProcessor",
+    "Int8AttentionProcessor",
     "attention_flops",
     "describe_attention",
     "attention_dtype",
+    "int8_fallbacks",
     "native_bf16",
     "resolve_attention",
     "use_attention_dtype",
     "use_bos_aware_attention",
 ]
 
-ATTENTION_CHOICES = ("auto", "float32", "bfloat16")
+ATTENTION_CHOICES = ("auto", "float32", "bfloat16", "int8")
 # What use_attention_dtype can set: "bfloat16-large" is bf16 for calls of at least AUTO_BF16_MIN_FLOPS only.
-ATTENTION_DTYPES = ("float32", "bfloat16", "bfloat16-large")
+ATTENTION_DTYPES = ("float32", "bfloat16", "bfloat16-large", "int8")
 # QK^T + PV multiply-adds x2 of one call from which bf16 pays for the mode around the processor (see above).
 AUTO_BF16_MIN_FLOPS = 64e6
 _BF16_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -79,6 +93,9 @@ def resolve_attention(choice: str, device: str = "cpu") -> str:
     are."""
     if choice not in ATTENTION_CHOICES:
         raise ValueError(f"attention={choice!r} is unknown: use one of {', '.join(ATTENTION_CHOICES)}")
+    if choice == "int8" and device != "cpu":
+        # a model on a GPU computes attention in its own (half) dtype, which the int8 mode does not take
+        raise ValueError(f"attention='int8' runs on the CPU only; this model is on {device}: use auto or float32")
     if choice == "auto":
         return "bfloat16-large" if device == "cpu" and native_bf16()[0] else "float32"
     return choice
@@ -101,28 +118,93 @@ class _SDPAInBF16(TorchFunctionMode):
         return func(*args, **kwargs).to(torch.float32)
 
 
-class BF16AttentionProcessor:
-    """Wraps a diffusers attention processor so that its scaled-dot-product attention runs in bf16.
+class _SDPAInInt8(TorchFunctionMode):
+    """Runs fp32 ``F.scaled_dot_product_attention`` calls as int8 attention
+    (:func:`quantdiff.nn.int8_attention.int8_sdpa`); calls it cannot take run as they are, their reason counted
+    in ``fallbacks``."""
+
+    def __init__(self, fallbacks: Counter):
+        super().__init__()
+        self.fallbacks = fallbacks
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention or not args or args[0].dtype != torch.float32:
+            return func(*args, **kwargs)
+        from quantdiff.nn.int8_attention import int8_sdpa, unsupported_reason
+
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        call = {**dict(zip(names, args, strict=False)), **kwargs}  # positional, then keywords
+        reason = unsupported_reason(
+            call["query"],
+            call["key"],
+            call["value"],
+            call.get("attn_mask"),
+            call.get("dropout_p", 0.0),
+            call.get("is_causal", False),
+            call.get("enable_gqa", False),
+        )
+        if reason:
+            self.fallbacks[reason] += 1
+            return func(*args, **kwargs)
+        return int8_sdpa(call["query"], call["key"], call["value"], call.get("attn_mask"), call.get("scale"))
+
+
+class AttentionModeProcessor:
+    """Wraps a diffusers attention processor so that its scaled-dot-product attention runs in another number
+    format (the subclasses: bf16, int8) while the rest of the processor runs as it is.
 
     Use :func:`use_attention_dtype` rather than building these by hand: it wraps (and unwraps) every
     attention module of a model and gives each wrapper the inner processor's call signature.
     """
 
+    dtype = ""  # the attention_dtype() name of the subclass
+    prefix = ""  # of its class name, and of the signature-keeping subclasses' names
+
     def __init__(self, processor: Any, min_flops: float = 0.0):
-        if isinstance(processor, BF16AttentionProcessor):
+        if isinstance(processor, AttentionModeProcessor):
             processor = processor.processor
         self.processor = processor
         self.min_flops = min_flops  # calls below this many attention FLOPs run the inner processor as it is
 
+    def _mode(self) -> TorchFunctionMode:
+        raise NotImplementedError
+
     def __call__(self, attn: nn.Module, *args: Any, **kwargs: Any):
         if self.min_flops and attention_flops(attn, *args, **kwargs) < self.min_flops:
             return self.processor(attn, *args, **kwargs)
-        with _SDPAInBF16():
+        with self._mode():
             return self.processor(attn, *args, **kwargs)
 
     def __repr__(self) -> str:
         above = f", from {self.min_flops / 1e6:g} MFLOP" if self.min_flops else ""
-        return f"BF16AttentionProcessor({type(self.processor).__name__}{above})"
+        return f"{self.prefix}AttentionProcessor({type(self.processor).__name__}{above})"
+
+
+class BF16AttentionProcessor(AttentionModeProcessor):
+    """Scaled-dot-product attention in bf16 (module docstring)."""
+
+    dtype = "bfloat16"
+    prefix = "BF16"
+
+    def _mode(self) -> TorchFunctionMode:
+        return _SDPAInBF16()
+
+
+class Int8AttentionProcessor(AttentionModeProcessor):
+    """Scaled-dot-product attention with QK^T and PV in int8 (:mod:`quantdiff.nn.int8_attention`).
+
+    ``fallbacks`` counts the calls that ran in fp32 instead, by reason."""
+
+    dtype = "int8"
+    prefix = "Int8"
+
+    def __init__(self, processor: Any, min_flops: float = 0.0):
+        super().__init__(processor, min_flops)
+        self.fallbacks: Counter = Counter()
+
+    def _mode(self) -> TorchFunctionMode:
+        return _SDPAInInt8(self.fallbacks)
 
 
 def attention_flops(
@@ -152,18 +234,19 @@ def attention_flops(
     return 4.0 * batch * queries * keys * inner
 
 
-def _wrapped(processor: Any, min_flops: float = 0.0) -> BF16AttentionProcessor:
-    """A wrapper whose ``__call__`` signature is the inner processor's (diffusers routes kwargs by it)."""
+def _wrapped(processor: Any, min_flops: float = 0.0, family: type = BF16AttentionProcessor) -> AttentionModeProcessor:
+    """A ``family`` wrapper whose ``__call__`` signature is the inner processor's (diffusers routes kwargs by
+    it)."""
     try:
         signature = inspect.signature(type(processor).__call__)
     except (TypeError, ValueError):  # a processor without an inspectable signature: the generic one
-        return BF16AttentionProcessor(processor, min_flops)
+        return family(processor, min_flops)
 
     def __call__(self, *args: Any, **kwargs: Any):
-        return BF16AttentionProcessor.__call__(self, *args, **kwargs)
+        return AttentionModeProcessor.__call__(self, *args, **kwargs)
 
     __call__.__signature__ = signature
-    cls = type(f"BF16{type(processor).__name__}", (BF16AttentionProcessor,), {"__call__": __call__})
+    cls = type(f"{family.prefix}{type(processor).__name__}", (family,), {"__call__": __call__})
     return cls(processor, min_flops)
 
 
@@ -174,8 +257,9 @@ def _attention_modules(model: nn.Module):
 
 
 def use_attention_dtype(model: nn.Module, dtype: str) -> int:
-    """Run every attention module's scaled-dot-product attention in ``dtype``: ``"bfloat16"``, ``"float32"``
-    or ``"bfloat16-large"`` (bf16 for calls of at least :data:`AUTO_BF16_MIN_FLOPS`, fp32 below).
+    """Run every attention module's scaled-dot-product attention in ``dtype``: ``"bfloat16"``, ``"float32"``,
+    ``"bfloat16-large"`` (bf16 for calls of at least :data:`AUTO_BF16_MIN_FLOPS`, fp32 below) or ``"int8"``
+    (QK^T and PV in int8, :mod:`quantdiff.nn.int8_attention`).
 
     ``"float32"`` restores the processors the model had. Idempotent; returns the number of attention modules.
     Weights and ``state_dict`` are untouched.
@@ -185,12 +269,13 @@ def use_attention_dtype(model: nn.Module, dtype: str) -> int:
             f"attention dtype {dtype!r} is unknown: use one of {', '.join(ATTENTION_DTYPES)} (or 'auto' upstream)"
         )
     min_flops = AUTO_BF16_MIN_FLOPS if dtype == "bfloat16-large" else 0.0
+    family = Int8AttentionProcessor if dtype == "int8" else BF16AttentionProcessor
     count = 0
     for _, module in _attention_modules(model):
         current = module.processor
-        inner = current.processor if isinstance(current, BF16AttentionProcessor) else current
-        wanted = inner if dtype == "float32" else _wrapped(inner, min_flops)
-        if isinstance(current, BF16AttentionProcessor) and dtype != "float32" and current.min_flops == min_flops:
+        inner = current.processor if isinstance(current, AttentionModeProcessor) else current
+        wanted = inner if dtype == "float32" else _wrapped(inner, min_flops, family)
+        if isinstance(current, family) and dtype != "float32" and current.min_flops == min_flops:
             wanted = current  # already wrapped
         if wanted is not current:
             module.set_processor(wanted)
@@ -199,8 +284,8 @@ def use_attention_dtype(model: nn.Module, dtype: str) -> int:
 
 
 def attention_dtype(model: nn.Module) -> str | None:
-    """``"bfloat16"``, ``"bfloat16-large"``, ``"float32"``, ``"mixed"``, or None when the model has no
-    attention modules."""
+    """``"bfloat16"``, ``"bfloat16-large"``, ``"int8"``, ``"float32"``, ``"mixed"``, or None when the model has
+    no attention modules."""
     kinds = {_dtype_of(module.processor) for _, module in _attention_modules(model)}
     if not kinds:
         return None
@@ -208,16 +293,29 @@ def attention_dtype(model: nn.Module) -> str | None:
 
 
 def _dtype_of(processor: Any) -> str:
-    if not isinstance(processor, BF16AttentionProcessor):
+    if not isinstance(processor, AttentionModeProcessor):
         return "float32"
-    return "bfloat16-large" if processor.min_flops else "bfloat16"
+    if processor.dtype == "bfloat16" and processor.min_flops:
+        return "bfloat16-large"
+    return processor.dtype
 
 
 def describe_attention(dtype: str) -> str:
     """A reader's words for an :func:`attention_dtype` value."""
     if dtype == "bfloat16-large":
         return f"bfloat16 for calls of {AUTO_BF16_MIN_FLOPS / 1e6:g} MFLOP and more, float32 below"
+    if dtype == "int8":  # where it ran (kernel or plain torch) is int8_attention_support()'s, of this process
+        return "int8 (QK^T and PV in int8, softmax in float32)"
     return dtype
+
+
+def int8_fallbacks(model: nn.Module) -> dict[str, int]:
+    """Calls of ``model``'s int8 attention wrappers that ran in fp32 instead, counted by reason."""
+    total: Counter = Counter()
+    for _, module in _attention_modules(model):
+        if isinstance(module.processor, Int8AttentionProcessor):
+            total.update(module.processor.fallbacks)
+    return dict(total)
 
 
 # ------------------------------------------------------------------------------- BOS-aware cross-attention
@@ -361,7 +459,7 @@ def use_bos_aware_attention(model: nn.Module) -> list[str]:
     """Wrap the processor of every attention module of :func:`bos_aware_modules` in a
     :class:`BOSAwareAttentionProcessor` (idempotent); returns their names.
 
-    A bf16 wrapper (:func:`use_attention_dtype`) stays outermost, so switching the attention dtype later
+    A bf16 / int8 wrapper (:func:`use_attention_dtype`) stays outermost, so switching the attention dtype later
     keeps this one. Modules that normalize the text across tokens before projecting it (``norm_cross``) are
     refused: their projection's input is not the encoder's token as it was measured.
     """
@@ -374,7 +472,7 @@ def use_bos_aware_attention(model: nn.Module) -> list[str]:
                 "the first token's precomputed key / value would not match; remove bos_aware from the recipe"
             )
         current = module.processor
-        holder = current if isinstance(current, BF16AttentionProcessor) else None
+        holder = current if isinstance(current, AttentionModeProcessor) else None
         inner = holder.processor if holder is not None else current
         if isinstance(inner, BOSAwareAttentionProcessor):
             continue

@@ -59,7 +59,7 @@ class ExecutionSummary:
     """Per-layer paths of a model, with what the CPU's int8 kernels can do (``support``).
 
     ``attention`` is the dtype its attention modules compute scaled-dot-product attention in
-    (``"float32"``, ``"bfloat16"``, ``"bfloat16-large"``: see :mod:`quantdiff.nn.attention`; None: no attention modules).
+    (``"float32"``, ``"bfloat16"``, ``"bfloat16-large"``, ``"int8"``: see :mod:`quantdiff.nn.attention`; None: no attention modules).
     """
 
     mode: str
@@ -181,8 +181,8 @@ def use_integer_kernels(
             sums (AVX2 without VNNI). Their results are wrong (14-46 dB per layer measured); a warning
             names them. Default: they stay on the reference path.
         attention: dtype of the attention modules' scaled-dot-product attention: ``"auto"`` (bf16 where the
-            CPU computes bf16 natively, else fp32), ``"float32"`` or ``"bfloat16"``
-            (:mod:`quantdiff.nn.attention`). :func:`use_reference` restores fp32.
+            CPU computes bf16 natively, else fp32), ``"float32"``, ``"bfloat16"`` or ``"int8"`` (QK^T and PV
+            in int8, CPU only; :mod:`quantdiff.nn.attention`). :func:`use_reference` restores fp32.
         backend: ``"auto"`` (oneDNN on the CPU, ``torch._int_mm`` for layers on CUDA), ``"onednn"``, or
             ``"int_mm"`` on any device (:mod:`quantdiff.nn.kernels.int_mm`; on the CPU only a check of the GPU math).
         weight_only: dtype of weight-only layers' float op (W4A16, W8A16) on the packed kernel: ``"auto"``

@@ -74,6 +74,7 @@ from quantdiff.nn.weights import QuantizedWeight, dequantize_weight, quantize_we
 from quantdiff.plan import LayerPlan, TensorDecl
 from quantdiff.primitives import (
     channel_group_ranges,
+    fake_quantize_channel_groups,
     compute_qparams,
     fake_quantize,
     integer_range,
@@ -446,10 +447,15 @@ class QuantizedLayer(nn.Module):
 
     def quantize_input(self, x: Tensor) -> Tensor:
         """Fake-quantize ``x`` with this call's input scale (identity for weight-only layers)."""
-        if self.input_spec is None:
+        spec = self.input_spec
+        if spec is None:
             return x
+        if spec.dynamic and spec.granularity == "group":
+            return fake_quantize_channel_groups(
+                x, self._channel_dim(x), spec.group_size, spec.bits, spec.symmetric, spec.clip_ratio
+            )
         scale, zero_point = self.call_input_qparams(x)
-        return fake_quantize(x, scale, zero_point, self.input_spec.bits, self.input_spec.symmetric)
+        return fake_quantize(x, scale, zero_point, spec.bits, spec.symmetric)
 
     def dequantized_weight(self) -> Tensor:
         """The float32 weight the integer weight stands for (the float weight itself while prepared)."""
