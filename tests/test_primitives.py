@@ -311,7 +311,9 @@ def test_sqnr_decreases_with_fewer_bits_on_gaussian_weights():
 )
 def test_grouped_fake_quantize_is_the_spread_ranges_bit_for_bit(shape, dim, group_size, bits, symmetric, clip):
     torch.manual_seed(0)
-    x = torch.randn(shape) * torch.logspace(-1, 1, shape[dim]).reshape([-1 if d == dim % len(shape) else 1 for d in range(len(shape))])
+    x = torch.randn(shape) * torch.logspace(-1, 1, shape[dim]).reshape(
+        [-1 if d == dim % len(shape) else 1 for d in range(len(shape))]
+    )
     low, high = channel_group_ranges(x, dim, group_size)
     scale, zero_point = compute_qparams(low * clip, high * clip, bits, symmetric)
     expected = fake_quantize(x, scale, zero_point, bits, symmetric)

@@ -36,13 +36,12 @@ import functools
 import math
 import os
 import platform
-import threading
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from quantdiff.nn.kernels.extension import CSRC, load_extension_once
 
 __all__ = [
     "Int8AttentionSupport",
@@ -62,7 +61,7 @@ P_DIGIT = 256  # P_q = P_DIGIT * P_high + P_low
 _TINY = 1e-30  # scale of an all-zero row: its integers are 0 whatever the scale
 MAX_KERNEL_HEAD_DIM = 1024  # the kernel's per-row scratch
 
-_SOURCE = Path(__file__).parent / "kernels" / "csrc" / "attention_amx.cpp"
+_SOURCE = CSRC / "attention_amx.cpp"
 _EXTENSION = "quantdiff_attention_kernels"
 DISABLE_ENV = "QUANTDIFF_NO_EXTENSION"  # the same switch as the packed kernels
 
@@ -203,34 +202,6 @@ class Int8AttentionSupport:
         return "int8 attention on the AMX kernel" if self.amx else f"int8 attention in plain torch ({self.reason})"
 
 
-_load_lock = threading.Lock()
-_loaded: list[tuple[str, float]] = []  # the one outcome of _load_extension in this process
-
-
-def _load_extension() -> tuple[str, float]:
-    """Build (or load from torch's extension cache) the attention library once per process (its ops can be
-    registered only once). Returns ("", seconds) or the reason it is not there."""
-    with _load_lock:
-        if not _loaded:
-            start = time.perf_counter()
-            try:
-                from torch.utils import cpp_extension
-
-                cpp_extension.load(
-                    _EXTENSION,
-                    [str(_SOURCE)],
-                    extra_cflags=["-O3", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"],
-                    is_python_module=False,
-                    verbose=False,
-                )
-                _loaded.append(("", time.perf_counter() - start))
-            except Exception as error:  # no compiler, no headers, a compile error: the kernel is optional
-                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                _loaded.append((f"the C++ extension did not build ({type(error).__name__}: {first[:200]})", 0.0))
-        return _loaded[0]
-
-
 @functools.cache
 def int8_attention_support() -> Int8AttentionSupport:
     """Build the kernel once per process and check it on this CPU; every failure is a reason, never an error."""
@@ -240,7 +211,7 @@ def int8_attention_support() -> Int8AttentionSupport:
         return Int8AttentionSupport(
             False, f"the kernel is written for x86-64 Linux, not {platform.system()} {platform.machine()}"
         )
-    problem, seconds = _load_extension()
+    problem, seconds = load_extension_once(_EXTENSION, _SOURCE)
     if problem:
         return Int8AttentionSupport(False, problem)
     status = int(torch.ops.quantdiff_attention.amx_status())

@@ -74,9 +74,9 @@ from quantdiff.nn.weights import QuantizedWeight, dequantize_weight, quantize_we
 from quantdiff.plan import LayerPlan, TensorDecl
 from quantdiff.primitives import (
     channel_group_ranges,
-    fake_quantize_channel_groups,
     compute_qparams,
     fake_quantize,
+    fake_quantize_channel_groups,
     integer_range,
     pack_int4,
     rotate_channels,

@@ -43,9 +43,7 @@ import math
 import os
 import platform
 import threading
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +51,7 @@ from torch import Tensor
 
 from quantdiff.nn.attention import native_bf16
 from quantdiff.nn.kernels import KernelDecision, KernelInputs, shared_blockers
+from quantdiff.nn.kernels.extension import CSRC, load_extension_once
 from quantdiff.nn.kernels.onednn import IntegerKernel
 
 __all__ = [
@@ -66,7 +65,7 @@ __all__ = [
     "unpack_tiles",
 ]
 
-_SOURCE = Path(__file__).parent / "csrc" / "packed_amx.cpp"
+_SOURCE = CSRC / "packed_amx.cpp"
 _EXTENSION = "quantdiff_packed_kernels"
 # Set to 1 to run without the extension (every layer it would take keeps its other path, with this reason).
 DISABLE_ENV = "QUANTDIFF_NO_EXTENSION"
@@ -117,40 +116,6 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-_load_lock = threading.Lock()
-_loaded: list[tuple[str, float]] = []  # the one outcome of _load_extension in this process
-
-
-def _load_extension() -> tuple[str, float]:
-    """Build (or load from torch's extension cache) the library, once per process whatever happens to
-    :func:`packed_support`'s cache: its ops can be registered only once (a second, rebuilt copy of the library
-    would abort the process). Returns ("", seconds) or the reason it is not there."""
-    with _load_lock:
-        if not _loaded:
-            _loaded.append(_build_and_load())
-        return _loaded[0]
-
-
-def _build_and_load() -> tuple[str, float]:
-    start = time.perf_counter()
-    try:
-        from torch.utils import cpp_extension
-
-        cpp_extension.load(
-            _EXTENSION,
-            [str(_SOURCE)],
-            extra_cflags=["-O3", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
-    except Exception as error:  # no compiler, no headers, a compile error: the extension is optional
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return f"the C++ extension did not build ({type(error).__name__}: {first[:200]})", 0.0
-    _register_fakes()
-    return "", time.perf_counter() - start
-
-
 @functools.cache
 def packed_support() -> PackedSupport:
     """Build (or load from the cache) the extension once per process and check it on this CPU.
@@ -164,7 +129,7 @@ def packed_support() -> PackedSupport:
         return PackedSupport(
             False, False, f"the extension is written for x86-64 Linux, not {platform.system()} {platform.machine()}"
         )
-    problem, seconds = _load_extension()
+    problem, seconds = load_extension_once(_EXTENSION, _SOURCE, _register_fakes)
     if problem:
         return PackedSupport(False, False, problem)
     bf16 = native_bf16()[0]

@@ -23,10 +23,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cpuid.h>
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -36,67 +33,18 @@
 #include <cstring>
 #include <limits>
 
-#define QD_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,amx-tile,amx-int8")))
+#include "amx_common.h"
 
 namespace {
 
-constexpr long kArchReqXcompPerm = 0x1023;  // arch_prctl: ask the kernel for the AMX tile state
-constexpr long kXfeatureXtiledata = 18;
+using quantdiff_amx::amx_status;  // capability, buffers, tile layout: amx_common.h
+using quantdiff_amx::Scratch;
+using quantdiff_amx::configure_tiles;
+
 constexpr int64_t kRows = 32;  // queries per block: two 16-row A tiles
-
-// 0: AMX-INT8 usable; 1: the CPU lacks AMX-TILE / AMX-INT8 / AVX-512BW; 2: the OS refused the tile state.
-int64_t amx_status() {
-  static const int64_t state = [] {
-    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return int64_t(1);
-    const bool avx512f = ebx & (1u << 16), avx512bw = ebx & (1u << 30);
-    const bool amx_tile = edx & (1u << 24), amx_int8 = edx & (1u << 25);
-    if (!(avx512f && avx512bw && amx_tile && amx_int8)) return int64_t(1);
-    if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0) return int64_t(2);
-    return int64_t(0);
-  }();
-  return state;
-}
-
-// A grow-only, 64-byte aligned per-thread scratch buffer (no allocation per block).
-struct Scratch {
-  uint8_t* data = nullptr;
-  size_t size = 0;
-  ~Scratch() { std::free(data); }
-  uint8_t* get(size_t bytes) {
-    if (bytes > size) {
-      std::free(data);
-      size = (bytes + 4095) / 4096 * 4096;
-      data = static_cast<uint8_t*>(std::aligned_alloc(64, size));
-      TORCH_CHECK(data != nullptr, "quantdiff int8 attention: out of memory for a ", size, "-byte scratch buffer");
-    }
-    return data;
-  }
-};
 
 thread_local Scratch tls_scores, tls_probs, tls_out;
 
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-// Tiles 0-3: int32 accumulators (16 x 16); 4, 5: A rows (16 x a_bytes); 6, 7: B (b_rows x 64).
-QD_AMX void configure(int a_bytes, int b_rows) {
-  TileConfig config;
-  std::memset(&config, 0, sizeof(config));
-  config.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    config.rows[t] = 16;
-    config.colsb[t] = 64;
-  }
-  config.colsb[4] = config.colsb[5] = uint16_t(a_bytes);
-  config.rows[6] = config.rows[7] = uint8_t(b_rows);
-  _tile_loadconfig(&config);
-}
 
 // 65535 e^x for x <= 0 (x = s - rowmax), to about 2e-7 relative: 2^n * 65535 * 2^f with f in [-0.5, 0.5], the
 // Taylor polynomial of 2^f to degree 6 with the factor 65535 folded into its coefficients.
@@ -271,7 +219,7 @@ struct Inputs {
 // 1. S (32 x Tkp int32, pitch Tkp) = Q block x K^T.
 QD_AMX void scores_block(const Shapes& s, const int8_t* q_rows, const int8_t* k_tiles, int32_t* scores) {
   const int64_t pitch = s.steps * s.kc, tile = s.kc * 16;
-  configure(int(s.kc), int(s.kc / 4));
+  configure_tiles(int(s.kc), int(s.kc / 4));
   if (s.steps == 1) {  // the query tiles stay loaded over all keys
     _tile_loadd(4, q_rows, pitch);
     _tile_loadd(5, q_rows + 16 * pitch, pitch);
@@ -337,7 +285,7 @@ QD_AMX int64_t softmax_row(const int32_t* acc, float q_scale, const float* k_sca
 // time.
 QD_AMX void values_block(const Shapes& s, const uint8_t* probs, const int8_t* v_tiles, int32_t* out) {
   const int64_t ksteps = s.tkp / 64, pitch = 16 * s.vtiles;
-  configure(64, 16);
+  configure_tiles(64, 16);
   for (int64_t vt = 0; vt < s.vtiles; vt += 2) {
     const bool pair = vt + 1 < s.vtiles;
     _tile_zero(0);

@@ -24,10 +24,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cpuid.h>
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -38,53 +35,13 @@
 #include <limits>
 #include <vector>
 
-#define QD_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,amx-tile,amx-int8")))
+#include "amx_common.h"
 
 namespace {
 
-// ------------------------------------------------------------------------------------------------ capability
-constexpr long kArchReqXcompPerm = 0x1023;  // arch_prctl: ask the kernel for the AMX tile state
-constexpr long kXfeatureXtiledata = 18;
-
-// 0: AMX-INT8 usable; 1: the CPU lacks AMX-TILE / AMX-INT8 / AVX-512BW; 2: the OS refused the tile state.
-int64_t amx_status() {
-  static const int64_t state = [] {
-    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return int64_t(1);
-    const bool avx512f = ebx & (1u << 16), avx512bw = ebx & (1u << 30);
-    const bool amx_tile = edx & (1u << 24), amx_int8 = edx & (1u << 25);
-    if (!(avx512f && avx512bw && amx_tile && amx_int8)) return int64_t(1);
-    if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0) return int64_t(2);
-    return int64_t(0);
-  }();
-  return state;
-}
-
-// ------------------------------------------------------------------------------------------------ buffers
-// A grow-only, 64-byte aligned scratch buffer. Thread-local instances hold the quantized input, the A rows and
-// the unpacked weight panel of the thread that uses them: no allocation (and no page faults) per call.
-struct Scratch {
-  uint8_t* data = nullptr;
-  size_t size = 0;
-  ~Scratch() { std::free(data); }
-  uint8_t* get(size_t bytes) {
-    if (bytes > size) {
-      std::free(data);
-      size = (bytes + 4095) / 4096 * 4096;
-      data = static_cast<uint8_t*>(std::aligned_alloc(64, size));
-      TORCH_CHECK(data != nullptr, "quantdiff packed kernels: out of memory for a ", size, "-byte scratch buffer");
-    }
-    return data;
-  }
-};
-
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
+using quantdiff_amx::amx_status;  // capability, buffers, tile layout: amx_common.h
+using quantdiff_amx::Scratch;
+using quantdiff_amx::configure_tiles;
 
 // ------------------------------------------------------------------------------------------------ quantize
 // Exactly clamp(round(x / s) + z, lo, hi) in float32 (round half to even), as uint8.
@@ -281,14 +238,7 @@ QD_AMX inline void write_channel_rows(const Gemm& g, int32_t (*c)[16][16], const
 thread_local Scratch tls_rows, tls_panel, tls_input, tls_epilogue;
 
 QD_AMX void gemm_items(const Gemm& g, const RowSource& src, int64_t begin, int64_t end) {
-  TileConfig config;
-  std::memset(&config, 0, sizeof(config));
-  config.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    config.rows[t] = 16;
-    config.colsb[t] = 64;
-  }
-  _tile_loadconfig(&config);
+  configure_tiles();
   const int64_t ksteps = g.kp / 64, pairs = g.np / 32;
   const int64_t tile_bytes = g.bits == 4 ? 512 : 1024;
   const int64_t pairs_per_split = (pairs + g.n_splits - 1) / g.n_splits;

@@ -1,0 +1,116 @@
+"""What each weight / activation algorithm costs to *run* (quantize time and peak memory) on a real-size denoiser.
+
+python benchmarks/quantize_cost.py [--model sd15] [--latent 32] [--calibration 8] [--threads 2]
+    [--algorithms naive,mse,smoothquant,gptq,lowrank,adaround] [--adaround-iterations 10,30] [--out FILE]
+
+The benchmark's denoiser (published config, random weights: ``quantdiff bench``'s builder) and its random
+calibration inputs; for each algorithm a fresh weight-sharing copy is quantized with W4A8 (per-channel
+4-bit weights, static 8-bit inputs) plus that algorithm, and ``quantize_denoiser`` is timed end to end
+(observing, the algorithm, packing). Quality is not measured here: random weights have none to lose
+(``quantdiff eval`` on the bundled models gives it; README, "Where weights break").
+
+AdaRound at its default 1000 iterations per block would take days here, so it runs at two small iteration
+counts and the time is extrapolated linearly to 1000 (setup = the intercept: caching block inputs through
+the already-quantized blocks; per iteration = the slope); the minibatch is the calibration size (rows per
+step), stated in the output beside the default's 32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from quantdiff.algorithms.adaround import AdaRound
+from quantdiff.algorithms.gptq import GPTQ
+from quantdiff.algorithms.lowrank import LowRank
+from quantdiff.algorithms.smoothquant import SmoothQuant
+from quantdiff.bench import DENOISERS, bench_calibration, build_denoiser
+from quantdiff.bench.builds import share_weights_copy
+from quantdiff.quantize import quantize_denoiser
+from quantdiff.recipe import Recipe, TensorSpec
+
+BASE_WEIGHTS = TensorSpec(bits=4, symmetric=True, granularity="channel", observer="minmax")
+INPUTS = TensorSpec(bits=8, symmetric=False, granularity="tensor", observer="minmax")
+
+
+def recipe_for(algorithm: str, adaround_iterations: int = 0) -> Recipe:
+    weights = dataclasses.replace(BASE_WEIGHTS, observer="mse") if algorithm == "mse" else BASE_WEIGHTS
+    algorithms = {
+        "naive": lambda: (),
+        "mse": lambda: (),
+        "smoothquant": lambda: (SmoothQuant(),),
+        "gptq": lambda: (GPTQ(),),
+        "lowrank": lambda: (SmoothQuant(), LowRank()),
+        "adaround": lambda: (AdaRound(iterations=adaround_iterations),),
+    }[algorithm]()
+    return Recipe(f"w4a8-{algorithm}", weights, INPUTS, algorithms=algorithms)
+
+
+def timed_quantize(reference, recipe: Recipe, calibration) -> float:
+    model = share_weights_copy(reference)
+    started = time.perf_counter()
+    quantize_denoiser(model, recipe, calibration, progress=True)
+    seconds = time.perf_counter() - started
+    del model
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="sd15", choices=sorted(DENOISERS))
+    parser.add_argument("--latent", type=int, default=32)
+    parser.add_argument("--calibration", type=int, default=8, help="random calibration inputs (batch 1 each)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--algorithms", default="naive,mse,smoothquant,gptq,lowrank,adaround")
+    parser.add_argument("--adaround-iterations", default="10,30", help="two small counts to extrapolate from")
+    parser.add_argument("--out", type=Path, default=None, help="also write the table (markdown) here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    spec = DENOISERS[args.model]
+    reference = build_denoiser(spec)
+    calibration = bench_calibration(spec, reference, args.latent, 1, args.calibration, seed=0)
+    params = sum(p.numel() for p in reference.parameters())
+    rows = []
+    for algorithm in args.algorithms.split(","):
+        if algorithm != "adaround":
+            seconds = timed_quantize(reference, recipe_for(algorithm), calibration)
+            rows.append((algorithm, f"{seconds:.0f}", ""))
+            print(f"{algorithm}: {seconds:.1f} s", flush=True)
+            continue
+        low, high = (int(n) for n in args.adaround_iterations.split(","))
+        t_low = timed_quantize(reference, recipe_for(algorithm, low), calibration)
+        t_high = timed_quantize(reference, recipe_for(algorithm, high), calibration)
+        per_iteration = (t_high - t_low) / (high - low)
+        setup = t_low - low * per_iteration
+        full = setup + 1000 * per_iteration
+        rows.append(
+            (
+                "adaround (1000 iterations, extrapolated)",
+                f"{full:.0f} ({full / 3600:.1f} h)",
+                f"{low} it: {t_low:.0f} s, {high} it: {t_high:.0f} s; setup {setup:.0f} s + {per_iteration:.1f} s "
+                f"per iteration over all blocks, minibatch {min(32, args.calibration)} rows (default 32)",
+            )
+        )
+        print(rows[-1], flush=True)
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    header = (
+        f"{spec.title} ({params / 1e6:.0f}M parameters, random weights), latent {args.latent}x{args.latent}, "
+        f"{args.calibration} calibration inputs, {args.threads} thread(s), torch {torch.__version__}, "
+        f"{platform.processor() or platform.machine()}; peak RSS of the run {peak_gib:.1f} GiB"
+    )
+    lines = [header, "", "| W4A8 + | quantize seconds | detail |", "|---|---|---|"]
+    lines += [f"| {name} | {seconds} | {detail} |" for name, seconds, detail in rows]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
