@@ -196,6 +196,23 @@ def test_every_build_has_its_place_in_the_build_order():
     assert sorted(BUILD_ORDER) == sorted({"fp32", *BUILDERS}) and len(set(BUILD_ORDER)) == len(BUILD_ORDER)
 
 
+def test_mixed_row_gives_each_layer_role_its_searched_width():
+    """qd-w4a8-mixed: 2-bit text keys, 8-bit attention in / out projections and skip convolutions, 4-bit the
+    rest, on the real SD1.5 layout (tiny sizes)."""
+    from collections import Counter
+
+    from quantdiff.bench.methods import _QD_RECIPES
+    from quantdiff.pipelines.architectures import architecture_of
+    from quantdiff.plan import resolve_plan
+
+    denoiser = bench.build_denoiser(bench.DENOISERS["tiny-sd15"])
+    plan = resolve_plan(denoiser, _QD_RECIPES["qd-w4a8-mixed"], architecture_of(denoiser))
+    bits = {layer.name: layer.weights.bits for layer in plan.quantized}
+    assert Counter(bits.values()).keys() == {2, 4, 8}
+    assert all((bits[name] == 2) == name.endswith("attn2.to_k") for name in bits)
+    assert all(bits[name] == 8 for name in bits if name.endswith(("proj_in", "proj_out", "conv_shortcut")))
+
+
 def test_settings_presets_and_errors():
     quick = bench.make_settings(quick=True)
     assert quick.models == ("sd15",) and quick.latents["sd15"] == (32,) and quick.repeats == 3
