@@ -70,6 +70,7 @@ from quantdiff.nn.kernels import (
     kernel_support,
     select_kernel,
 )
+from quantdiff.nn.kernels.packed import PackedKernel
 from quantdiff.nn.weights import QuantizedWeight, dequantize_weight, quantize_weight
 from quantdiff.plan import LayerPlan, TensorDecl
 from quantdiff.primitives import (
@@ -800,6 +801,10 @@ class QuantizedLinear(QuantizedLayer):
 class QuantizedConv2d(QuantizedLayer):
     """``nn.Conv2d`` with integer weights; see the module docstring for the stored tensors."""
 
+    # Set by use_activation_layout (quantdiff.nn.execution): the packed kernel returns its channels-last output
+    # as it is, with no copy back to NCHW. A class default, so modules pickled before it existed have it too.
+    channels_last_output = False
+
     def __init__(self, layer: LayerPlan, device=None, *, stride=1, padding=0, dilation=1, groups=1, **kwargs):
         super().__init__(layer, device, **kwargs)
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
@@ -822,6 +827,13 @@ class QuantizedConv2d(QuantizedLayer):
 
     def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _kernel_op(self, x: Tensor) -> Tensor:
+        if self.channels_last_output and isinstance(self._kernel, PackedKernel):
+            # the kernel's output is channels-last already: no copy back to NCHW (the model keeps its
+            # activations channels-last, see quantdiff.nn.execution.use_activation_layout)
+            return self._kernel(x, self.bias, self._kernel_call_qparams(x), channels_last=True)
+        return super()._kernel_op(x)
 
     def _branch(self, x: Tensor, down: Tensor, up: Tensor) -> Tensor:
         hidden = F.conv2d(x, down, None, self.stride, self.padding, self.dilation)  # (N, r, H', W')

@@ -410,7 +410,17 @@ class PackedKernel:
 
     accepts = staticmethod(IntegerKernel.accepts)  # the same inputs as oneDNN's kernel
 
-    def __call__(self, x: Tensor, bias: Tensor | None, input_qparams: tuple[float, int] | None = None) -> Tensor:
+    def __call__(
+        self,
+        x: Tensor,
+        bias: Tensor | None,
+        input_qparams: tuple[float, int] | None = None,
+        channels_last: bool = False,
+    ) -> Tensor:
+        """The layer's output. ``channels_last`` (convolutions): return the kernel's own channels-last output
+        whatever ``x``'s layout, where the model keeps its activations channels-last
+        (:func:`quantdiff.nn.use_activation_layout`); by default an NCHW input gets an NCHW output, as from
+        ``nn.Conv2d``, which costs a copy of the output."""
         x_scale, x_zp = self.x_scale, self.x_zp
         if input_qparams is not None:
             x_scale, x_zp = self.affine(*input_qparams)
@@ -460,6 +470,8 @@ class PackedKernel:
             self.q_high,
             bias,
         )  # (N, C_out, H', W') channels-last
+        if channels_last and not unbatched:
+            return y
         if nchw or (unbatched and not x4.is_contiguous(memory_format=torch.channels_last)):
             y = y.contiguous()  # as nn.Conv2d: NCHW in, NCHW out (callers may .view() the result)
         return y.squeeze(0) if unbatched else y
