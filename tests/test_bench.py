@@ -213,6 +213,35 @@ def test_mixed_row_gives_each_layer_role_its_searched_width():
     assert all(bits[name] == 8 for name in bits if name.endswith(("proj_in", "proj_out", "conv_shortcut")))
 
 
+def test_algorithms_leave_the_weight_sharing_reference_as_it_was():
+    """The bench quantizes weight-sharing copies of its fp32 reference: smoothing (folded into norms and
+    stored as pre-scales), rotation and the low-rank split must give the copy new tensors, not edit the
+    shared ones (they did: the next build calibrated a model whose weights were smoothed twice)."""
+    from quantdiff.algorithms.lowrank import LowRank
+    from quantdiff.algorithms.rotation import Rotation
+    from quantdiff.algorithms.smoothquant import SmoothQuant
+    from quantdiff.bench.builds import share_weights_copy
+    from quantdiff.quantize import quantize_denoiser
+    from quantdiff.recipe import PRESETS, Recipe
+
+    spec = bench.DENOISERS["tiny-sd15"]
+    reference = bench.build_denoiser(spec)
+    before = {name: tensor.clone() for name, tensor in reference.state_dict().items()}
+    calibration = bench.bench_calibration(spec, reference, 16, 1, 2, seed=0)
+    recipe = Recipe(
+        "w8a8-sq-rot-lowrank",
+        PRESETS["w8a8"].weights,
+        PRESETS["w8a8"].activations,
+        algorithms=(SmoothQuant(alphas=(0.5,)), Rotation(), LowRank(rank=2)),
+    )
+    copy = share_weights_copy(reference)
+    info = quantize_denoiser(copy, recipe, calibration, progress=False)
+    extras = {extra for layer in info.plan.quantized for extra in layer.extras}
+    assert {"input_pre_scale", "input_rotation", "lowrank"} <= extras  # every transform ran
+    changed = [name for name, tensor in reference.state_dict().items() if not torch.equal(tensor, before[name])]
+    assert changed == []
+
+
 def test_settings_presets_and_errors():
     quick = bench.make_settings(quick=True)
     assert quick.models == ("sd15",) and quick.latents["sd15"] == (32,) and quick.repeats == 3

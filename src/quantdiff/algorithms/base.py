@@ -249,6 +249,17 @@ class QuantizationContext:
         self.plan = self.plan.with_layer(layer)
         self.module(name).set_layer_plan(layer, tensors)
 
+    @staticmethod
+    def replace_tensor(module: nn.Module, name: str, value: Tensor) -> None:
+        """Give ``module`` a new parameter ``name`` holding ``value`` (in the old one's dtype) rather than write
+        into the old tensor: the denoiser may share its tensors with another model (the weight-sharing copies
+        ``quantdiff bench`` quantizes beside its fp32 reference), which must stay as it was. Float-stage
+        algorithms that transform weights (smoothing, rotation, a low-rank split) go through here."""
+        from torch.nn import Parameter
+
+        old = getattr(module, name)
+        setattr(module, name, Parameter(value.detach().to(old.dtype), requires_grad=old.requires_grad))
+
     def round_weight(self, name: str, weight: QuantizedWeight, by: AlgorithmConfig) -> None:
         """Use ``weight`` as layer ``name``'s integer weight instead of rounding to nearest (weight-rounding
         stage only; one algorithm per layer)."""

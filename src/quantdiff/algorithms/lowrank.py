@@ -74,7 +74,6 @@ class LowRank(AlgorithmConfig):
             c_out, k = layer.out_features, layer.reduction_size
             rank = min(self.rank, max(1, min(c_out, k) // 4))
             up, down, residual = lowrank_split(module.weight.reshape(c_out, k), rank, BRANCH_DTYPES[self.dtype])
-            with torch.no_grad():
-                module.weight.copy_(residual.reshape(module.weight.shape).to(module.weight.dtype))
+            context.replace_tensor(module, "weight", residual.reshape(module.weight.shape))
             tensors = {"lowrank_down": down.reshape(rank, *layer.weight_shape[1:]), "lowrank_up": up}
             context.add_extra(layer.name, "lowrank", tensors, rank=rank, dtype=self.dtype)

@@ -72,7 +72,7 @@ class Rotation(AlgorithmConfig):
                 skipped.setdefault(reason, []).append(layer.name)
                 continue
             with torch.no_grad():  # W -> W H along the input channels: the output is unchanged
-                module.weight.copy_(rotate_channels(module.weight, 1, block))
+                context.replace_tensor(module, "weight", rotate_channels(module.weight, 1, block))
             context.add_extra(layer.name, "input_rotation", {}, block=block)
         for reason, names in skipped.items():
             warnings.warn(

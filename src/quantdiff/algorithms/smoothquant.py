@@ -192,13 +192,14 @@ class SmoothQuant(AlgorithmConfig):
                 continue
             with torch.no_grad():
                 for name in names:
-                    weight = context.module(name).weight
-                    weight.mul_(s.reshape((1, -1) + (1,) * (weight.dim() - 2)).to(weight.dtype))  # W s
+                    module = context.module(name)
+                    scaled = module.weight * s.reshape((1, -1) + (1,) * (module.weight.dim() - 2))  # W s
+                    context.replace_tensor(module, "weight", scaled)
                 if norm is not None:
                     norm_module = context.denoiser.get_submodule(norm)
-                    norm_module.weight.div_(s.to(norm_module.weight.dtype))  # the norm now outputs X / s
+                    context.replace_tensor(norm_module, "weight", norm_module.weight / s)  # the norm outputs X / s
                     if norm_module.bias is not None:
-                        norm_module.bias.div_(s.to(norm_module.bias.dtype))
+                        context.replace_tensor(norm_module, "bias", norm_module.bias / s)
                 else:
                     context.add_extra(names[0], "input_pre_scale", {"input_pre_scale": 1 / s}, channels=s.numel())
 
