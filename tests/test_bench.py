@@ -213,6 +213,32 @@ def test_mixed_row_gives_each_layer_role_its_searched_width():
     assert all(bits[name] == 8 for name in bits if name.endswith(("proj_in", "proj_out", "conv_shortcut")))
 
 
+def test_activation_mode_rows_differ_from_w8a8_by_their_mode_alone():
+    """qd-w8a8-<mode> rows are read as the cost of one activation mode over qd-w8a8: same weights, and the
+    inputs or the algorithm list changed in that one respect."""
+    from quantdiff.algorithms.rotation import Rotation
+    from quantdiff.algorithms.shortcut_split import ShortcutSplit
+    from quantdiff.algorithms.smoothquant import SmoothQuant
+    from quantdiff.algorithms.timestep_groups import TimestepGroups
+    from quantdiff.bench.builds import integer_w8a8_recipe
+    from quantdiff.bench.methods import _QD_RECIPES
+    from quantdiff.recipe import PRESETS
+
+    algorithm_of = {"tg4": TimestepGroups, "sq": SmoothQuant, "split": ShortcutSplit, "rot": Rotation}
+    for base in (PRESETS["w8a8"], integer_w8a8_recipe()):
+        for mode in ("tg4", "token", "sq", "split", "group", "rot"):
+            variant = _QD_RECIPES[f"qd-w8a8-{mode}"](base)
+            assert variant.weights == base.weights, mode
+            if mode in algorithm_of:
+                assert variant.activations == base.activations, mode
+                assert [type(a) for a in variant.algorithms] == [algorithm_of[mode]], mode
+            else:
+                assert variant.algorithms == () and variant.activations.dynamic, mode
+                assert variant.activations.bits == 8, mode
+                assert variant.activations.granularity == {"token": "token", "group": "group"}[mode], mode
+    assert _QD_RECIPES["qd-w8a8-group"](PRESETS["w8a8"]).activations.group_size == 64
+
+
 def test_algorithms_leave_the_weight_sharing_reference_as_it_was():
     """The bench quantizes weight-sharing copies of its fp32 reference: smoothing (folded into norms and
     stored as pre-scales), rotation and the low-rank split must give the copy new tensors, not edit the

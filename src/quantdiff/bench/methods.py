@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from quantdiff.algorithms.rotation import Rotation
 from quantdiff.algorithms.shortcut_split import ShortcutSplit
 from quantdiff.algorithms.smoothquant import SmoothQuant
 from quantdiff.algorithms.timestep_groups import TimestepGroups
@@ -87,6 +88,8 @@ METHODS: Mapping[str, MethodSpec] = MappingProxyType(
             MethodSpec("qd-w8a8-token", "quantdiff W8A8, dynamic per-token inputs", _QD, "qd-w8a8-token"),
             MethodSpec("qd-w8a8-sq", "quantdiff W8A8 + SmoothQuant", _QD, "qd-w8a8-sq"),
             MethodSpec("qd-w8a8-split", "quantdiff W8A8 + shortcut split", _QD, "qd-w8a8-split"),
+            MethodSpec("qd-w8a8-group", "quantdiff W8A8, per-token inputs in groups of 64", _QD, "qd-w8a8-group"),
+            MethodSpec("qd-w8a8-rot", "quantdiff W8A8 + Hadamard rotation", _QD, "qd-w8a8-rot"),
             MethodSpec("qd-w4a8", "quantdiff W4A8 (group 128, packed int4)", _QD, "qd-w4a8"),
             MethodSpec(
                 "qd-w4a8-compile", "quantdiff W4A8 (group 128, packed int4) + compile", _QD, "qd-w4a8", _COMPILE
@@ -142,6 +145,9 @@ _QD_RECIPES: Mapping[str, Recipe | Callable[[Recipe], Recipe] | None] = MappingP
         "qd-w8a8-token": _w8a8_with("w8a8-token", TensorSpec(8, True, "token", dynamic=True)),
         "qd-w8a8-sq": _w8a8_with("w8a8-sq", None, SmoothQuant(alphas=(0.5,))),
         "qd-w8a8-split": _w8a8_with("w8a8-split", None, ShortcutSplit()),
+        # groups of 64 channels: the like-for-like size on SD1.5's 320-1280 channels of digits-sd's groups of 16
+        "qd-w8a8-group": _w8a8_with("w8a8-group", TensorSpec(8, False, "group", group_size=64, dynamic=True)),
+        "qd-w8a8-rot": _w8a8_with("w8a8-rot", None, Rotation()),
         "qd-w4a8": minmax_weights(PRESETS["w4a8"], "w4a8-minmax-weights"),
         "qd-w4a8-mse": PRESETS["w4a8"],
         "qd-w4a8-ch": Recipe(
@@ -223,6 +229,8 @@ BUILD_ORDER = (
     "qd-w8a8-token",
     "qd-w8a8-sq",
     "qd-w8a8-split",
+    "qd-w8a8-group",
+    "qd-w8a8-rot",
     "qd-w4a8-mse",
     "qd-w4a16-mse",
 )
@@ -256,7 +264,7 @@ _MEMORY = MappingProxyType(
         "bf16": (0.5, 0.1, (1.0, -0.45)),  # half of fp32's: bf16 weights, their frozen copy, the compile's peak
         "qd-w8a8": (0.5, 0.3, 0.1),
         "qd-w8a8-onednn": (0.5, 0.3, 0.1),
-        **{f"qd-w8a8-{mode}": (0.5, 0.3, 0.1) for mode in ("tg4", "token", "sq", "split")},
+        **{f"qd-w8a8-{mode}": (0.5, 0.3, 0.1) for mode in ("tg4", "token", "sq", "split", "group", "rot")},
         "qd-w4a8": (0.15, 0.4, 0.1),
         "qd-w4a8-mse": (0.15, 0.4, 0.1),
         "qd-w4a8-ch": (0.15, 0.4, 0.1),  # packed int4 (0.4 while oneDNN held it widened to int8)
