@@ -221,12 +221,12 @@ def test_activation_mode_rows_differ_from_w8a8_by_their_mode_alone():
     from quantdiff.algorithms.smoothquant import SmoothQuant
     from quantdiff.algorithms.timestep_groups import TimestepGroups
     from quantdiff.bench.builds import integer_w8a8_recipe
-    from quantdiff.bench.methods import _QD_RECIPES
+    from quantdiff.bench.methods import _QD_RECIPES, ACTIVATION_MODE_ROWS
     from quantdiff.recipe import PRESETS
 
     algorithm_of = {"tg4": TimestepGroups, "sq": SmoothQuant, "split": ShortcutSplit, "rot": Rotation}
     for base in (PRESETS["w8a8"], integer_w8a8_recipe()):
-        for mode in ("tg4", "token", "sq", "split", "group", "rot"):
+        for mode in ACTIVATION_MODE_ROWS:
             variant = _QD_RECIPES[f"qd-w8a8-{mode}"](base)
             assert variant.weights == base.weights, mode
             if mode in algorithm_of:
@@ -235,7 +235,7 @@ def test_activation_mode_rows_differ_from_w8a8_by_their_mode_alone():
             else:
                 assert variant.algorithms == () and variant.activations.dynamic, mode
                 assert variant.activations.bits == 8, mode
-                assert variant.activations.granularity == {"token": "token", "group": "group"}[mode], mode
+                assert variant.activations.granularity == mode, mode
     assert _QD_RECIPES["qd-w8a8-group"](PRESETS["w8a8"]).activations.group_size == 64
 
 

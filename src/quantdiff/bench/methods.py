@@ -136,6 +136,9 @@ def _w8a8_with(name: str, activations: TensorSpec | None = None, *algorithms) ->
     return variant
 
 
+# The rows that each add one activation mode to qd-w8a8 (qd-w8a8-<mode>): the cost of that mode alone.
+ACTIVATION_MODE_ROWS = ("tg4", "token", "sq", "split", "group", "rot")
+
 # quantdiff builds -> recipe, all in integer mode (None: the W8A8 preset for the device, see build_quantdiff;
 # a function: a variant of that preset)
 _QD_RECIPES: Mapping[str, Recipe | Callable[[Recipe], Recipe] | None] = MappingProxyType(
@@ -264,7 +267,7 @@ _MEMORY = MappingProxyType(
         "bf16": (0.5, 0.1, (1.0, -0.45)),  # half of fp32's: bf16 weights, their frozen copy, the compile's peak
         "qd-w8a8": (0.5, 0.3, 0.1),
         "qd-w8a8-onednn": (0.5, 0.3, 0.1),
-        **{f"qd-w8a8-{mode}": (0.5, 0.3, 0.1) for mode in ("tg4", "token", "sq", "split", "group", "rot")},
+        **{f"qd-w8a8-{mode}": (0.5, 0.3, 0.1) for mode in ACTIVATION_MODE_ROWS},
         "qd-w4a8": (0.15, 0.4, 0.1),
         "qd-w4a8-mse": (0.15, 0.4, 0.1),
         "qd-w4a8-ch": (0.15, 0.4, 0.1),  # packed int4 (0.4 while oneDNN held it widened to int8)
