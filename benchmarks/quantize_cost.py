@@ -52,13 +52,31 @@ def recipe_for(algorithm: str, adaround_iterations: int = 0) -> Recipe:
     return Recipe(f"w4a8-{algorithm}", weights, INPUTS, algorithms=algorithms)
 
 
-def timed_quantize(reference, recipe: Recipe, calibration) -> float:
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM); elsewhere the peak is the run's."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_gib() -> float:
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0]) / 2**20
+    except (OSError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def timed_quantize(reference, recipe: Recipe, calibration) -> tuple[float, float]:
+    """Seconds to quantize a weight-sharing copy of ``reference``, and the peak RSS (GiB) meanwhile."""
     model = share_weights_copy(reference)
+    reset_peak_rss()
     started = time.perf_counter()
     quantize_denoiser(model, recipe, calibration, progress=True)
     seconds = time.perf_counter() - started
     del model
-    return seconds
+    return seconds, peak_rss_gib()
 
 
 def main() -> None:
@@ -79,13 +97,13 @@ def main() -> None:
     rows = []
     for algorithm in args.algorithms.split(","):
         if algorithm != "adaround":
-            seconds = timed_quantize(reference, recipe_for(algorithm), calibration)
-            rows.append((algorithm, f"{seconds:.0f}", ""))
-            print(f"{algorithm}: {seconds:.1f} s", flush=True)
+            seconds, peak = timed_quantize(reference, recipe_for(algorithm), calibration)
+            rows.append((algorithm, f"{seconds:.0f}", f"{peak:.1f}", ""))
+            print(f"{algorithm}: {seconds:.1f} s, peak RSS {peak:.1f} GiB", flush=True)
             continue
         low, high = (int(n) for n in args.adaround_iterations.split(","))
-        t_low = timed_quantize(reference, recipe_for(algorithm, low), calibration)
-        t_high = timed_quantize(reference, recipe_for(algorithm, high), calibration)
+        t_low, peak_low = timed_quantize(reference, recipe_for(algorithm, low), calibration)
+        t_high, peak_high = timed_quantize(reference, recipe_for(algorithm, high), calibration)
         per_iteration = (t_high - t_low) / (high - low)
         setup = t_low - low * per_iteration
         full = setup + 1000 * per_iteration
@@ -93,19 +111,19 @@ def main() -> None:
             (
                 "adaround (1000 iterations, extrapolated)",
                 f"{full:.0f} ({full / 3600:.1f} h)",
+                f"{max(peak_low, peak_high):.1f}",
                 f"{low} it: {t_low:.0f} s, {high} it: {t_high:.0f} s; setup {setup:.0f} s + {per_iteration:.1f} s "
                 f"per iteration over all blocks, minibatch {min(32, args.calibration)} rows (default 32)",
             )
         )
         print(rows[-1], flush=True)
-    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     header = (
         f"{spec.title} ({params / 1e6:.0f}M parameters, random weights), latent {args.latent}x{args.latent}, "
         f"{args.calibration} calibration inputs, {args.threads} thread(s), torch {torch.__version__}, "
-        f"{platform.processor() or platform.machine()}; peak RSS of the run {peak_gib:.1f} GiB"
+        f"{platform.processor() or platform.machine()}; peak RSS while quantizing (the fp32 reference included)"
     )
-    lines = [header, "", "| W4A8 + | quantize seconds | detail |", "|---|---|---|"]
-    lines += [f"| {name} | {seconds} | {detail} |" for name, seconds, detail in rows]
+    lines = [header, "", "| W4A8 + | quantize seconds | peak RSS (GiB) | detail |", "|---|---|---|---|"]
+    lines += [f"| {name} | {seconds} | {peak} | {detail} |" for name, seconds, peak, detail in rows]
     text = "\n".join(lines)
     print(text)
     if args.out:

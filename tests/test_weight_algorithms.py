@@ -60,6 +60,24 @@ def test_gptq_with_an_identity_hessian_is_nearest_rounding():
     assert torch.equal(rounded.weight_q, quantize_weight(weight, spec).weight_q)
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_in_the_hessians_memory_gives_the_same_integers(act_order):
+    """The factorization written over the Hessian (how the algorithm runs: a 4 GiB Hessian must not be copied
+    four times) rounds exactly as on a copy; without ``overwrite_hessian`` the caller's Hessian is untouched."""
+    torch.manual_seed(3)
+    x = torch.randn(512, 96) @ torch.randn(96, 96)
+    x[:, 5] = 0  # a dead input: its diagonal is patched in place too
+    hessian = x.double().t() @ x.double()
+    kept = hessian.clone()
+    weight = torch.randn(24, 96)
+    spec = TensorSpec(3, True, "group", group_size=32)
+    on_copy = gptq_quantize(weight, hessian, spec, act_order=act_order)
+    assert torch.equal(hessian, kept)
+    in_place = gptq_quantize(weight, hessian, spec, act_order=act_order, overwrite_hessian=True)
+    assert all(torch.equal(a, b) for a, b in zip(on_copy, in_place, strict=True) if a is not None)
+    assert not torch.equal(hessian, kept)  # it was used as scratch
+
+
 def test_lowrank_split_reconstructs_the_weight():
     torch.manual_seed(2)
     weight = torch.randn(40, 72)
