@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 BUILTIN_ALGORITHMS: tuple[str, ...] = (
     "quantdiff.algorithms.adaround",
     "quantdiff.algorithms.bos_aware",
+    "quantdiff.algorithms.clip_search",
     "quantdiff.algorithms.gptq",
     "quantdiff.algorithms.lowrank",
     "quantdiff.algorithms.rotation",

@@ -245,7 +245,7 @@ def record_block_io(
         record_bytes = max(recorded.nbytes, 1)
         recorded.records.append(0)
         fit = max(1, min(len(calibration), max_bytes // record_bytes))
-        chosen = _even_spread(len(calibration), fit)
+        chosen = even_spread(len(calibration), fit)
         rest = [index for index in chosen if index != 0]
         for _ in calibration.subset_by_index(rest).replay(denoiser, progress=progress, desc=f"record {name}"):
             pass
@@ -260,7 +260,8 @@ def record_block_io(
     return recorded
 
 
-def _even_spread(total: int, count: int) -> list[int]:
+def even_spread(total: int, count: int) -> list[int]:
+    """``count`` indices spread evenly over ``range(total)`` (first and last included), or all of them."""
     if count >= total:
         return list(range(total))
     return sorted({round(i * (total - 1) / max(count - 1, 1)) for i in range(count)})

@@ -54,7 +54,6 @@ import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +61,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from quantdiff.errors import CalibrationError
+from quantdiff.nn.inputs import InputQParams, dynamic_input_qparams, fake_quantize_dynamic_input
 from quantdiff.nn.kernels import (
     ConvGeometry,
     KernelDecision,
@@ -74,10 +74,7 @@ from quantdiff.nn.kernels.packed import PackedKernel
 from quantdiff.nn.weights import QuantizedWeight, dequantize_weight, quantize_weight
 from quantdiff.plan import LayerPlan, TensorDecl
 from quantdiff.primitives import (
-    channel_group_ranges,
-    compute_qparams,
     fake_quantize,
-    fake_quantize_channel_groups,
     integer_range,
     pack_int4,
     rotate_channels,
@@ -156,13 +153,6 @@ def _time_paths(run_kernel: Callable[[], Tensor], run_float: Callable[[], Tensor
         if len(kernel_times) >= _MIN_CALLS and after - start > _BUDGET_SECONDS:
             break
     return PathTiming(min(kernel_times), min(float_times), len(kernel_times)), y_kernel, y_float
-
-
-class InputQParams(NamedTuple):
-    """A layer's input quantization: scale and zero point (0-d, or one per timestep group)."""
-
-    scale: Tensor
-    zero_point: Tensor
 
 
 class QuantizedLayer(nn.Module):
@@ -400,16 +390,7 @@ class QuantizedLayer(nn.Module):
         (shaped to broadcast over ``x``)."""
         spec = self.input_spec
         if spec.dynamic:
-            if spec.granularity == "token":
-                channel = self._channel_dim(x)
-                low, high = x.amin(dim=channel, keepdim=True), x.amax(dim=channel, keepdim=True)  # (..., 1)
-            elif spec.granularity == "group":
-                low, high = channel_group_ranges(x, self._channel_dim(x), spec.group_size)  # x's shape
-            else:
-                low, high = x.min(), x.max()
-            if spec.clip_ratio != 1.0:
-                low, high = low * spec.clip_ratio, high * spec.clip_ratio
-            return InputQParams(*compute_qparams(low, high, spec.bits, spec.symmetric))
+            return dynamic_input_qparams(x, self._channel_dim(x), spec)
         if "input_split" in self.extras:  # one pair per part, laid out per channel
             sizes = self._split_sizes(x)
             scale = self._per_channel(self.input_scale.repeat_interleave(sizes))  # (C_in, ...) broadcasts over x
@@ -451,10 +432,8 @@ class QuantizedLayer(nn.Module):
         spec = self.input_spec
         if spec is None:
             return x
-        if spec.dynamic and spec.granularity == "group":
-            return fake_quantize_channel_groups(
-                x, self._channel_dim(x), spec.group_size, spec.bits, spec.symmetric, spec.clip_ratio
-            )
+        if spec.dynamic:
+            return fake_quantize_dynamic_input(x, self._channel_dim(x), spec)
         scale, zero_point = self.call_input_qparams(x)
         return fake_quantize(x, scale, zero_point, spec.bits, spec.symmetric)
 
