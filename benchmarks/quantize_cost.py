@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from quantdiff.algorithms.lowrank import LowRank
 from quantdiff.algorithms.smoothquant import SmoothQuant
 from quantdiff.bench import DENOISERS, bench_calibration, build_denoiser
 from quantdiff.bench.builds import share_weights_copy
+from quantdiff.bench.results import machine_info
 from quantdiff.quantize import quantize_denoiser
 from quantdiff.recipe import Recipe, TensorSpec
 
@@ -94,12 +95,34 @@ def main() -> None:
     reference = build_denoiser(spec)
     calibration = bench_calibration(spec, reference, args.latent, 1, args.calibration, seed=0)
     params = sum(p.numel() for p in reference.parameters())
-    rows = []
-    for algorithm in args.algorithms.split(","):
+    algorithms = args.algorithms.split(",")
+    machine = machine_info()
+    amx = "AMX-INT8" if machine.flags["amx_int8"] else "AVX-512 VNNI" if machine.flags["avx512_vnni"] else "AVX2"
+    header = (
+        f"`python benchmarks/quantize_cost.py {' '.join(sys.argv[1:])}`: {spec.title} ({params / 1e6:.0f}M "
+        f"parameters, random weights), latent {args.latent}x{args.latent}, {args.calibration} calibration inputs, "
+        f"{args.threads} thread(s), torch {torch.__version__}, {machine.cpu} ({amx}); peak RSS while quantizing "
+        "(the fp32 reference included)"
+    )
+    rows: list[tuple[str, str, str, str]] = []
+
+    def report() -> str:
+        """The table so far, written after every row so that a stopped run keeps what it measured."""
+        lines = [header, "", "| W4A8 + | quantize seconds | peak RSS (GiB) | detail |", "|---|---|---|---|"]
+        lines += [f"| {name} | {seconds} | {peak} | {detail} |" for name, seconds, peak, detail in rows]
+        if len(rows) < len(algorithms):
+            lines += ["", f"(in progress: {len(rows)} of {len(algorithms)} rows)"]
+        text = "\n".join(lines)
+        if args.out:
+            args.out.write_text(text + "\n")
+        return text
+
+    for algorithm in algorithms:
         if algorithm != "adaround":
             seconds, peak = timed_quantize(reference, recipe_for(algorithm), calibration)
             rows.append((algorithm, f"{seconds:.0f}", f"{peak:.1f}", ""))
             print(f"{algorithm}: {seconds:.1f} s, peak RSS {peak:.1f} GiB", flush=True)
+            report()
             continue
         low, high = (int(n) for n in args.adaround_iterations.split(","))
         t_low, peak_low = timed_quantize(reference, recipe_for(algorithm, low), calibration)
@@ -117,17 +140,8 @@ def main() -> None:
             )
         )
         print(rows[-1], flush=True)
-    header = (
-        f"{spec.title} ({params / 1e6:.0f}M parameters, random weights), latent {args.latent}x{args.latent}, "
-        f"{args.calibration} calibration inputs, {args.threads} thread(s), torch {torch.__version__}, "
-        f"{platform.processor() or platform.machine()}; peak RSS while quantizing (the fp32 reference included)"
-    )
-    lines = [header, "", "| W4A8 + | quantize seconds | peak RSS (GiB) | detail |", "|---|---|---|---|"]
-    lines += [f"| {name} | {seconds} | {peak} | {detail} |" for name, seconds, peak, detail in rows]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+        report()
+    print(report())
 
 
 if __name__ == "__main__":
