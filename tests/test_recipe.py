@@ -39,6 +39,7 @@ def test_presets_have_the_documented_bits():
         assert twin.label == PRESETS[name].label and not twin.algorithms and twin.activations.observer == "minmax"
         assert twin.weights.observer == "minmax" and not twin.activations.dynamic
     assert [a.TYPE for a in PRESETS["w4a4"].algorithms] == ["smoothquant", "rotation", "gptq"]
+    assert [a.TYPE for a in PRESETS["w8a4"].algorithms] == ["smoothquant", "clip_search"]
     assert PRESETS["w8a4"].activations.group_size == 16 and PRESETS["w4a4"].activations.clip_ratio == 0.9
     assert [a.TYPE for a in PRESETS["w2a8"].algorithms] == ["adaround"] and PRESETS["w2a8"].weights.group_size == 64
     assert PRESETS["w8a8-int"].weights.pair_safe and not PRESETS["w8a8"].weights.pair_safe
