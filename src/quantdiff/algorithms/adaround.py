@@ -284,9 +284,10 @@ class ReconstructionLayer(nn.Module):
     def __init__(self, layer: QuantizedLayer, rounding: LearnedRounding, input_scale: LearnedInputScale | None):
         super().__init__()
         self.layer = layer
-        self.rounding = rounding
+        self.rounding: LearnedRounding | None = rounding
         self.input_scale = input_scale
         self.mode = "soft"
+        self.quantized_weight: QuantizedWeight | None = None  # the final integers, once hardened
         self._hard_weight: Tensor | None = None
 
     def __getattr__(self, name: str) -> Any:
@@ -298,9 +299,14 @@ class ReconstructionLayer(nn.Module):
             return getattr(self._modules["layer"], name)
 
     def harden(self) -> None:
-        """Fix the integers (``V >= 0``) and the learned scale; compute with them from now on."""
+        """Fix the integers (``V >= 0``) and the learned scale; compute with them from now on. The rounding
+        variables are released here: ``V``, its gradient, the floors and the expanded scales are 16 bytes per
+        weight, which kept for every layer until the end outgrew the model itself (SD1.5's UNet: 16 GB RSS at
+        its up blocks); the integers and the float weight they stand for are 5."""
         spec, shape = self.layer.weight_spec, self.layer.weight_shape
-        self._hard_weight = dequantize_weight(*self.rounding.quantized_weight(), spec, shape)
+        self.quantized_weight = self.rounding.quantized_weight()
+        self._hard_weight = dequantize_weight(*self.quantized_weight, spec, shape)
+        self.rounding = None
         self.mode = "hard"
 
     def forward(self, x: Tensor) -> Tensor:
@@ -583,7 +589,7 @@ class AdaRound(AlgorithmConfig):
             )
         for name, wrapper in results.items():
             context.rounded_weights.pop(name, None)  # an earlier rounding (GPTQ) was the starting point
-            context.round_weight(name, wrapper.rounding.quantized_weight(), by=self)
+            context.round_weight(name, wrapper.quantized_weight, by=self)
             if wrapper.input_scale is not None:
                 context.input_qparams[name] = wrapper.input_scale.qparams()
 
