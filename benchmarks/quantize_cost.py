@@ -99,8 +99,8 @@ def main() -> None:
     machine = machine_info()
     amx = "AMX-INT8" if machine.flags["amx_int8"] else "AVX-512 VNNI" if machine.flags["avx512_vnni"] else "AVX2"
     header = (
-        f"`python benchmarks/quantize_cost.py {' '.join(sys.argv[1:])}`: {spec.title} ({params / 1e6:.0f}M "
-        f"parameters, random weights), latent {args.latent}x{args.latent}, {args.calibration} calibration inputs, "
+        f"`python benchmarks/quantize_cost.py {' '.join(sys.argv[1:])}`: {spec.title}, {params / 1e6:.0f}M "
+        f"parameters, random weights, latent {args.latent}x{args.latent}, {args.calibration} calibration inputs, "
         f"{args.threads} thread(s), torch {torch.__version__}, {machine.cpu} ({amx}); peak RSS while quantizing "
         "(the fp32 reference included)"
     )
