@@ -1,9 +1,9 @@
 """A clip ratio per layer for dynamic input ranges, chosen by each layer's output error on calibration data.
 
 Dynamic 4-bit inputs (per token, or per token and channel group) are scaled to each call's own range; shrinking
-that range by a ``clip_ratio`` (QuaRot, ViDiT-Q: a fixed 0.9) saturates the few largest values and rounds the
-rest more finely. Whether that pays depends on the layer: on the bundled models a fixed 0.9 is worth +4 points
-of alignment on the UNet (digits-sd, W8A4) and costs 9-12 on the MMDiT (digits-sd3). Here each layer gets the
+that range by a ``clip_ratio`` (QuaRot and Atom: a fixed 0.9) saturates the few largest values and rounds the
+rest more finely. Whether that pays depends on the layer and the model: on the bundled models a fixed 0.9 costs
+the MMDiT (digits-sd3) 9-12 points of alignment at W8A4 / W4A4. Here each layer gets the
 candidate ratio with the least error of its own output over replayed calibration calls,
 
     err(r) = sum_calls |(fq_r(X) - X) W^T|^2      (fq_r: the layer's dynamic quantization at clip r)
@@ -11,6 +11,9 @@ candidate ratio with the least error of its own output over replayed calibration
 with ``X`` as the layer quantizes it (after a smoothing pre-scale or rotation) and ``W`` its floating-point
 weight (a convolution's error through im2col, so every output pixel counts once). The chosen ratio is written
 into the layer's input spec (``clip_ratio``), so the plan says what each layer does and nothing new is stored.
+What the output error does not see: at W4A4 on digits-sd (with rotation and GPTQ) the search keeps every range
+unclipped and loses 10-18 points of alignment to a fixed 0.9 at the same PSNR (README, digits-sd3 paragraph),
+which is why the ``w8a4`` preset runs it and ``w4a4`` does not.
 In the spirit of AWQ's per-layer clip search (there for weights) and the output-error proxy of
 :mod:`quantdiff.algorithms.smoothquant`.
 """
