@@ -26,6 +26,7 @@ from torch import Tensor
 from quantdiff.algorithms.base import AlgorithmConfig, QuantizationContext, Stage, check_number, register_algorithm
 from quantdiff.calibration.taps import Taps, input_rows
 from quantdiff.errors import RecipeError
+from quantdiff.nn.inputs import fake_quantize_dynamic_input
 from quantdiff.nn.weights import dequantize_weight, quantize_weight
 from quantdiff.observers import make_observer
 from quantdiff.pipelines.architectures import norm_feeds_of
@@ -66,19 +67,15 @@ def fake_quantize_rows(rows: Tensor, spec: TensorSpec, channels: int) -> Tensor:
     """Input rows ``(N, K)`` of a layer with ``channels`` input channels fake-quantized as the layer will: per
     row for dynamic per-token specs, per row and channel group for per-token-group specs, else one range over
     all rows chosen by the spec's observer."""
-    if spec.dynamic and spec.granularity == "token":
-        low, high = rows.amin(dim=1, keepdim=True), rows.amax(dim=1, keepdim=True)  # (N, 1)
-        scale, zero_point = compute_qparams(low * spec.clip_ratio, high * spec.clip_ratio, spec.bits, spec.symmetric)
-    elif spec.dynamic and spec.granularity == "group":
+    if spec.dynamic and spec.granularity != "group":  # per row or per tensor: as the layer does, bit for bit
+        return fake_quantize_dynamic_input(rows, 1, spec)
+    if spec.dynamic:
         # A convolution's im2col row is channel-major (each channel's kernel taps side by side): a run of
         # group_size channels is group_size * taps entries of the row. The layer groups each pixel's channels;
         # here one range covers the group's channels over all taps, a little wider (this only ranks alphas).
         taps = rows.shape[1] // channels
         low, high = channel_group_ranges(rows, 1, spec.group_size * taps)  # (N, K) each
         scale, zero_point = compute_qparams(low * spec.clip_ratio, high * spec.clip_ratio, spec.bits, spec.symmetric)
-    elif spec.dynamic:
-        low, high = rows.min() * spec.clip_ratio, rows.max() * spec.clip_ratio
-        scale, zero_point = compute_qparams(low, high, spec.bits, spec.symmetric)
     else:
         observer = make_observer(spec.observer, spec.bits, spec.symmetric, **dict(spec.observer_options))
         observer.update(rows.reshape(1, -1))
