@@ -1,10 +1,10 @@
 """int8 attention vs fp32 and bf16 SDPA, per call: error and time at SD1.5 shapes, error on the bundled digits
 models' own attention inputs (benchmarks/KERNELS.md, section 7).
 
-    OMP_NUM_THREADS=1 python benchmarks/attention_probe.py [--repeats 5] [--skip-digits]
+    OMP_NUM_THREADS=1 python benchmarks/attention_probe.py [--repeats 5] [--skip-digits] [--batch 2] [--threads 1]
 
 Inputs are laid out as diffusers hands them over ((B, T, heads, d) transposed to (B, heads, T, d)); timings are
-interleaved in one process, median of ``--repeats``, one thread.
+interleaved in one process, median of ``--repeats``, ``--threads`` threads (1).
 """
 
 from __future__ import annotations
@@ -42,17 +42,17 @@ def _bf16(query, key, value):
 PATHS = {"fp32": F.scaled_dot_product_attention, "bf16": _bf16, "int8": int8_sdpa}
 
 
-def shapes_table(repeats: int) -> None:
+def shapes_table(repeats: int, batch_size: int) -> None:
     generator = torch.Generator().manual_seed(0)
     step = dict.fromkeys(PATHS, 0.0)
     print(
         "| shape (B x heads x T_q x T_k x d) | fp32 ms | bf16 ms | int8 ms | int8 / bf16 | int8 / fp32 | bf16 dB | int8 dB |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    for shape, calls in SD15_CALLS.items():
-        batch, heads, queries, keys, dim = shape
+    for (_, heads, queries, keys, dim), calls in SD15_CALLS.items():
+        shape = (batch_size, heads, queries, keys, dim)
         query, key, value = (
-            torch.randn(batch, tokens, heads, dim, generator=generator).transpose(1, 2)
+            torch.randn(batch_size, tokens, heads, dim, generator=generator).transpose(1, 2)
             for tokens in (queries, keys, keys)
         )
         reference = F.scaled_dot_product_attention(query, key, value)
@@ -73,7 +73,7 @@ def shapes_table(repeats: int) -> None:
             flush=True,
         )
     print(
-        "SD1.5 64x64 latent, batch 2: attention per UNet step (the calls above, summed): "
+        f"SD1.5 64x64 latent, batch {batch_size}: attention per UNet step (the calls above, summed): "
         + ", ".join(f"{name} {total:.0f} ms" for name, total in step.items())
         + f"; int8 / bf16 {step['int8'] / step['bf16']:.2f}"
     )
@@ -125,11 +125,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=2, help="2: CFG as in generation; 1: the bench's batch")
     parser.add_argument("--skip-digits", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{int8_attention_support().describe()}; {args.threads} thread(s); load average {os.getloadavg()}")
-    shapes_table(args.repeats)
+    shapes_table(args.repeats, args.batch)
     if not args.skip_digits:
         for model in ("digits-sd", "digits-sd3"):
             digits_calls(model)

@@ -24,6 +24,7 @@ from quantdiff.bench.denoisers import DenoiserSpec, cast_inputs
 from quantdiff.calibration.dataset import CalibrationSet, denoiser_output
 from quantdiff.nn import KernelSupport, kernel_support, native_bf16, use_integer_kernels
 from quantdiff.nn.attention import describe_attention
+from quantdiff.nn.int8_attention import int8_attention_support
 from quantdiff.quantize import quantize_denoiser
 from quantdiff.recipe import PRESETS, Recipe
 
@@ -158,13 +159,17 @@ def minmax_weights(recipe: Recipe, name: str) -> Recipe:
 
 
 def build_quantdiff(
-    ctx: BuildContext, recipe: Recipe | Callable[[Recipe], Recipe] | None, backend: str = "auto"
+    ctx: BuildContext,
+    recipe: Recipe | Callable[[Recipe], Recipe] | None,
+    backend: str = "auto",
+    attention: str = "auto",
 ) -> Built:
     """quantdiff's ``recipe`` in integer mode (``None``: the W8A8 preset for this device); layers the kernel
     cannot take keep the reference path, and the row's path detail counts them by reason.
 
     CPU suite: a weight-sharing copy, the integer kernels of ``backend`` (``"auto"``: each layer's, see
-    :func:`quantdiff.nn.kernels.select_kernel`), attention in bf16 where the CPU has it natively.
+    :func:`quantdiff.nn.kernels.select_kernel`), attention in bf16 where the CPU has it natively (``attention``:
+    another dtype of :func:`quantdiff.nn.use_integer_kernels`, e.g. ``"int8"``).
     bf16 baseline: preset ``w8a8`` (``torch._int_mm`` cannot saturate) calibrated in fp32 on a full copy,
     then cast to bf16 around the int8 layers, on the int8 GEMM backend (the CUDA one; on the CPU a check of
     its math); attention stays as the bf16 model computes it.
@@ -180,7 +185,7 @@ def build_quantdiff(
     if on_bf16:
         summary = use_integer_kernels(model.to(torch.bfloat16), backend="int_mm", attention="float32")
     else:
-        summary = use_integer_kernels(model, backend=backend)
+        summary = use_integer_kernels(model, backend=backend, attention=attention)
     reasons = Counter(re.sub(r" \(worst pair sum \d+\)", "", layer.reason) for layer in summary.layers)
     integer, reference = len(summary.integer), len(summary.reference)
     path = "integer" if integer and not reference else ("reference" if not integer else "mixed")
@@ -191,6 +196,8 @@ def build_quantdiff(
         detail += "; bf16 around the int8 layers"
     elif summary.attention:
         detail += f"; attention in {describe_attention(summary.attention)}"
+        if summary.attention == "int8":
+            detail += f": {int8_attention_support().describe()}"
     built = _eager(model, ctx, path, detail)
     built.counts = {
         "integer_layers": integer,

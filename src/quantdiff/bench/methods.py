@@ -83,6 +83,7 @@ METHODS: Mapping[str, MethodSpec] = MappingProxyType(
             MethodSpec(
                 "qd-w8a8-compile", "quantdiff W8A8 (oneDNN) + compile", _QD, "qd-w8a8-onednn", _COMPILE, baselines=_BOTH
             ),
+            MethodSpec("qd-w8a8-int8attn", "quantdiff W8A8 + int8 attention", _QD, "qd-w8a8-int8attn"),
             MethodSpec("qd-w8a8-graphs", "quantdiff W8A8 + CUDA graphs", _QD, "qd-w8a8", _GRAPHS, baselines=_GPU),
             MethodSpec("qd-w8a8-tg4", "quantdiff W8A8, 4 timestep groups", _QD, "qd-w8a8-tg4"),
             MethodSpec("qd-w8a8-token", "quantdiff W8A8, dynamic per-token inputs", _QD, "qd-w8a8-token"),
@@ -188,6 +189,7 @@ BUILDERS: Mapping[str, Callable[[BuildContext], Built]] = MappingProxyType(
         "bf16": build_bf16,
         **{name: functools.partial(build_quantdiff, recipe=recipe) for name, recipe in _QD_RECIPES.items()},
         "qd-w8a8-onednn": functools.partial(build_quantdiff, recipe=None, backend="onednn"),
+        "qd-w8a8-int8attn": functools.partial(build_quantdiff, recipe=None, attention="int8"),
         "ao-dynamic": build_ao_dynamic,
         "pt2e": build_pt2e,
         "quanto-w8a8": functools.partial(build_quanto, activations=True),
@@ -209,6 +211,7 @@ BUILDERS: Mapping[str, Callable[[BuildContext], Built]] = MappingProxyType(
 BUILD_ORDER = (
     "qd-w8a8",
     "qd-w8a8-onednn",
+    "qd-w8a8-int8attn",
     "pt2e",
     "bf16",
     "fp32",
@@ -267,6 +270,7 @@ _MEMORY = MappingProxyType(
         "bf16": (0.5, 0.1, (1.0, -0.45)),  # half of fp32's: bf16 weights, their frozen copy, the compile's peak
         "qd-w8a8": (0.5, 0.3, 0.1),
         "qd-w8a8-onednn": (0.5, 0.3, 0.1),
+        "qd-w8a8-int8attn": (0.5, 0.3, 0.1),
         **{f"qd-w8a8-{mode}": (0.5, 0.3, 0.1) for mode in ACTIVATION_MODE_ROWS},
         "qd-w4a8": (0.15, 0.4, 0.1),
         "qd-w4a8-mse": (0.15, 0.4, 0.1),

@@ -225,7 +225,7 @@ def int8_attention_support() -> Int8AttentionSupport:
     return Int8AttentionSupport(True, "", seconds)
 
 
-# Kernel vs reference on the same integers: only exp's last bits differ (a P_q rounding flips now and then).
+# Kernel vs reference on the same integers: only the softmax's last float bits differ (a P_q rounding flips now and then).
 KERNEL_AGREEMENT_DB = 40.0
 
 

@@ -7,11 +7,12 @@
 // the tile layouts below. Then per block of 32 queries:
 //   1. S = Q K^T on TDPBSSD (int8 x int8 -> int32), the whole row strip of Tk keys at once (32 x Tk int32, in
 //      L2 for Tk up to a few thousand): no online softmax is needed, so P is rounded as in the reference;
-//   2. per row, in fp32: s = S * q_scale * k_scale (the reference's order), max, P = exp(s - max), and
-//      P_q = round(65535 P) as two uint8 digits (high and low byte) with its integer row sum;
+//   2. per row, in fp32: s = S * q_scale * k_scale, max, P = exp(s - max), and P_q = round(65535 P) as two
+//      uint8 digits (high and low byte) with its integer row sum;
 //   3. O = 256 (P_high V) + P_low V, each on TDPBUSD (uint8 x int8 -> int32), then O * (v_scale / sum P_q).
-// The integers equal the reference's; only exp is computed differently (a polynomial here, ~2e-7 relative), which
-// can flip the rounding of a P_q now and then. A NaN or infinity in Q, K or V makes the whole output NaN.
+// The integers equal the reference's; only the softmax's floats are computed differently (q_scale applied after
+// the max, exp as a polynomial of 2^f: ~1e-7 relative), which can flip the rounding of a P_q now and then.
+// A NaN or infinity in Q, K or V makes the whole output NaN.
 // The reduction of QK^T (d) is split into equal steps of at most 64 bytes, a multiple of 4 (d = 40: one step of
 // 40), so that no zero padding to 64 is multiplied. Layouts:
 //   Q rows: (Tq rounded up to 32) x (steps * kc) bytes, zero padded;
@@ -46,22 +47,21 @@ constexpr int64_t kRows = 32;  // queries per block: two 16-row A tiles
 thread_local Scratch tls_scores, tls_probs, tls_out;
 
 
-// 65535 e^x for x <= 0 (x = s - rowmax), to about 2e-7 relative: 2^n * 65535 * 2^f with f in [-0.5, 0.5], the
-// Taylor polynomial of 2^f to degree 6 with the factor 65535 folded into its coefficients.
+// 65535 2^t for t <= 0 (t = log2 e x (s - rowmax)), to about 1e-7 relative: 2^n x 65535 x 2^f with f in
+// [-0.5, 0.5], a degree-5 polynomial of 2^f fitted for relative error (7.7e-8 on the interval) with the factor
+// 65535 folded into its coefficients. Five FMAs: the softmax is ALU-bound (section 7 of benchmarks/KERNELS.md),
+// and a last-bit error only flips a P_q's rounding now and then. A very negative t gives 0 (scalef underflows).
 constexpr float kLevels = 65535.0f;  // P_q's 16 bits, held as two uint8 digits
 
-QD_AMX inline __m512 exp_levels_ps(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
+QD_AMX inline __m512 exp2_levels_ps(__m512 t) {
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(kLevels * 1.5403530393381608e-04f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kLevels * 1.3333558146428443e-03f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kLevels * 9.618129107628477e-03f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kLevels * 5.550410866482158e-02f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kLevels * 2.402265069591007e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kLevels * 6.931471805599453e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kLevels));
+  __m512 p = _mm512_set1_ps(kLevels * 0.0013266979924401229f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kLevels * 0.00967546939535019f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kLevels * 0.05550742675408632f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kLevels * 0.240221215762287f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kLevels * 0.6931469490692165f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kLevels * 1.0000000710651664f));
   return _mm512_scalef_ps(p, n);
 }
 
@@ -249,33 +249,44 @@ QD_AMX void scores_block(const Shapes& s, const int8_t* q_rows, const int8_t* k_
   }
 }
 
-// 2. One row: fp32 scores, max, P_q = round(65535 exp(s - max)) as its high and low bytes (0 past Tk); returns
-// sum P_q (each of the 16 lanes sums at most 65535 x 4,063 < 2^31; the total needs 64 bits).
+// 2. One row: P_q = round(65535 exp(s - max)) as its high and low bytes (0 from Tk to Tkp); returns sum P_q (each
+// of the 16 lanes sums at most 65535 x 4,063 < 2^31; the total needs 64 bits). s = S x q_scale x k_scale; as
+// q_scale > 0, the max is taken over S x k_scale and q_scale joins log2 e in one factor: a max pass that stores
+// nothing, then one pass of exp, rounding and packing 64 keys at a time.
+QD_AMX inline __mmask16 keys_mask(int64_t tk, int64_t k) {
+  return k >= tk ? __mmask16(0) : tail_mask(tk, k);
+}
+
 QD_AMX int64_t softmax_row(const int32_t* acc, float q_scale, const float* k_scale, int64_t tk, int64_t tkp,
-                           float* scores, uint8_t* high, uint8_t* low) {
-  const __m512 qs = _mm512_set1_ps(q_scale);
+                           uint8_t* high, uint8_t* low) {
   __m512 peak = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t k = 0; k < tk; k += 16) {
-    const __mmask16 mask = tk - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (tk - k)) - 1);
-    const __m512 ks = _mm512_maskz_loadu_ps(mask, k_scale + k);
-    const __m512i integers = _mm512_maskz_loadu_epi32(mask, acc + k);
-    const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(integers), qs), ks);
-    _mm512_mask_storeu_ps(scores + k, mask, v);
+    const __mmask16 mask = tail_mask(tk, k);
+    const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mask, acc + k)),
+                                   _mm512_maskz_loadu_ps(mask, k_scale + k));
     peak = _mm512_mask_max_ps(peak, mask, peak, v);
   }
   const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(peak));
+  const __m512 factor = _mm512_set1_ps(q_scale * 1.4426950408889634f);
+  // packus works within 128-bit lanes: after the two packs, 32-bit unit 4L + j holds keys 16j + 4L .. + 3
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  const __m512i byte = _mm512_set1_epi16(255);
   __m512i total = _mm512_setzero_si512();
-  for (int64_t k = 0; k < tk; k += 16) {
-    const __mmask16 mask = tk - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (tk - k)) - 1);
-    const __m512 e = exp_levels_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, scores + k), top));
-    const __m512i p = _mm512_cvt_roundps_epi32(e, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    total = _mm512_mask_add_epi32(total, mask, total, p);
-    _mm512_mask_cvtepi32_storeu_epi8(high + k, mask, _mm512_srli_epi32(p, 8));
-    _mm512_mask_cvtepi32_storeu_epi8(low + k, mask, _mm512_and_si512(p, _mm512_set1_epi32(255)));
-  }
-  if (tkp > tk) {
-    std::memset(high + tk, 0, tkp - tk);
-    std::memset(low + tk, 0, tkp - tk);
+  for (int64_t k = 0; k < tkp; k += 64) {
+    __m512i p[4];
+    for (int j = 0; j < 4; ++j) {
+      const __mmask16 mask = keys_mask(tk, k + 16 * j);
+      const __m512 s = _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mask, acc + k + 16 * j)),
+                                       _mm512_maskz_loadu_ps(mask, k_scale + k + 16 * j), top);
+      p[j] = _mm512_maskz_cvt_roundps_epi32(mask, exp2_levels_ps(_mm512_mul_ps(s, factor)),
+                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      total = _mm512_add_epi32(total, p[j]);
+    }
+    const __m512i words01 = _mm512_packus_epi32(p[0], p[1]), words23 = _mm512_packus_epi32(p[2], p[3]);
+    const __m512i hi = _mm512_packus_epi16(_mm512_srli_epi16(words01, 8), _mm512_srli_epi16(words23, 8));
+    const __m512i lo = _mm512_packus_epi16(_mm512_and_si512(words01, byte), _mm512_and_si512(words23, byte));
+    _mm512_storeu_si512(high + k, _mm512_permutexvar_epi32(order, hi));
+    _mm512_storeu_si512(low + k, _mm512_permutexvar_epi32(order, lo));
   }
   return _mm512_reduce_add_epi64(_mm512_cvtepu32_epi64(_mm512_castsi512_si256(total))) +
          _mm512_reduce_add_epi64(_mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(total, 1)));
@@ -333,10 +344,8 @@ QD_AMX void attention_items(const Shapes& s, const Inputs& in, int64_t begin, in
         std::memset(low + r * s.tkp, 0, s.tkp);
         continue;
       }
-      int32_t* arow = acc + r * s.tkp;
-      // the fp32 scores overwrite their own int32 row in place (read before written, same index)
-      totals[r] = softmax_row(arow, in.q_scale[b * s.tq + q0 + r], in.k_scale + b * s.tk, s.tk, s.tkp,
-                              reinterpret_cast<float*>(arow), high + r * s.tkp, low + r * s.tkp);
+      totals[r] = softmax_row(acc + r * s.tkp, in.q_scale[b * s.tq + q0 + r], in.k_scale + b * s.tk, s.tk, s.tkp,
+                              high + r * s.tkp, low + r * s.tkp);
     }
     const int8_t* v_tiles = in.v_tiles + b * s.vtiles * (s.tkp / 64) * 1024;
     values_block(s, high, v_tiles, out_high);
