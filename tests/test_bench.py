@@ -593,3 +593,29 @@ def test_sdnq_peers_quantize_and_run():
     assert "30 with int8 matmul" in w8a8.path_detail and "dequantized per call" in w4.path_detail
     assert w4.weight_bytes < w8a8.weight_bytes < 0.6 * fp32.weight_bytes
     assert w8a8.sqnr_db >= 30.0 and w4.sqnr_db >= 15.0
+
+
+def test_int8_attention_row_differs_from_w8a8_by_its_attention_alone():
+    """qd-w8a8-int8attn is read as the cost of int8 attention over qd-w8a8: the same quantized layers on the
+    same kernels, every SDPA call of the model in int8 (none falls back), its output close to the row's with
+    bf16 / fp32 attention but not equal to it."""
+    from quantdiff.bench.builds import BuildContext, call_denoiser
+    from quantdiff.bench.methods import BUILDERS
+    from quantdiff.nn.attention import attention_dtype, int8_fallbacks
+    from quantdiff.primitives import sqnr_db
+
+    spec = bench.DENOISERS["tiny-sd15"]
+    reference = bench.build_denoiser(spec)
+    inputs = bench.denoiser_inputs(spec, 16, 1, 500.0, 0)
+    calibration = bench.bench_calibration(spec, reference, 16, 1, 2, seed=0)
+    ctx = BuildContext(spec, reference, inputs, calibration, threads=torch.get_num_threads())
+    plain, int8 = BUILDERS["qd-w8a8"](ctx), BUILDERS["qd-w8a8-int8attn"](ctx)
+    assert attention_dtype(int8.module) == "int8" and attention_dtype(plain.module) != "int8"
+    assert int8.counts == plain.counts and int8.stored_bytes == plain.stored_bytes
+    assert "attention in int8" in int8.path_detail
+    with torch.no_grad():
+        expected, got, fp32 = plain.call(), int8.call(), call_denoiser(reference, inputs)
+    assert int8_fallbacks(int8.module) == {}
+    assert not torch.equal(got, expected)
+    assert sqnr_db(expected, got) >= 20.0  # measured 27.1 dB: the W8A8 layers amplify a changed rounding
+    assert sqnr_db(fp32, got) >= sqnr_db(fp32, expected) - 1.0

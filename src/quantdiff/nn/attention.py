@@ -27,8 +27,9 @@ plain torch). Calls it cannot take (dropout, causal, gradients, non-fp32 inputs)
 with the reason (:func:`int8_fallbacks`). Measured (benchmarks/KERNELS.md, section 7): 38-40 dB from fp32 per
 call on Gaussian inputs at SD1.5 shapes (bf16: 48-49 dB), 56 / 47 dB on the digits-sd / digits-sd3 models'
 own attention inputs (bf16: 54.5 / 52.5 dB), their W8A8 images as with fp32 attention; on the 2-core AMX Xeon
-at 1 thread 0.98x bf16's time at 2x8x4096x4096x40, 0.59x at the 77-token cross-attention, slower than bf16 at
-1024 tokens and below: 0.94-0.98x bf16's attention time over an SD1.5 step at 64x64. Hence off by default.
+(2 threads, batch 1) 0.87x bf16's time at 1x8x4096x4096x40, 0.60x at the 77-token cross-attention, slower than
+bf16 at 1024 tokens and below: 0.88x bf16's attention time over an SD1.5 step at 64x64, 0.96x the whole W8A8
+step. Hence off by default: a small gain at large sizes, a loss at small ones, 10 dB less per call than bf16.
 """
 
 from __future__ import annotations
