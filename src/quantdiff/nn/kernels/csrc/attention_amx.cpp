@@ -78,8 +78,9 @@ struct Shapes {
 // 1e-30), q = clamp(round(x / scale), -127, 127) with IEEE division and round half to even.
 constexpr float kTiny = 1e-30f;
 
+// Lanes i .. i + 15 that lie below n (none from n on: the softmax walks the keys up to Tkp).
 inline __mmask16 tail_mask(int64_t n, int64_t i) {
-  return n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+  return n - i >= 16 ? __mmask16(0xFFFF) : n <= i ? __mmask16(0) : __mmask16((1u << (n - i)) - 1);
 }
 
 // NaN and infinities have no int8 image (and max() would drop a NaN): they are counted, and the call answers NaN.
@@ -253,10 +254,6 @@ QD_AMX void scores_block(const Shapes& s, const int8_t* q_rows, const int8_t* k_
 // of the 16 lanes sums at most 65535 x 4,063 < 2^31; the total needs 64 bits). s = S x q_scale x k_scale; as
 // q_scale > 0, the max is taken over S x k_scale and q_scale joins log2 e in one factor: a max pass that stores
 // nothing, then one pass of exp, rounding and packing 64 keys at a time.
-QD_AMX inline __mmask16 keys_mask(int64_t tk, int64_t k) {
-  return k >= tk ? __mmask16(0) : tail_mask(tk, k);
-}
-
 QD_AMX int64_t softmax_row(const int32_t* acc, float q_scale, const float* k_scale, int64_t tk, int64_t tkp,
                            uint8_t* high, uint8_t* low) {
   __m512 peak = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
@@ -275,7 +272,7 @@ QD_AMX int64_t softmax_row(const int32_t* acc, float q_scale, const float* k_sca
   for (int64_t k = 0; k < tkp; k += 64) {
     __m512i p[4];
     for (int j = 0; j < 4; ++j) {
-      const __mmask16 mask = keys_mask(tk, k + 16 * j);
+      const __mmask16 mask = tail_mask(tk, k + 16 * j);
       const __m512 s = _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mask, acc + k + 16 * j)),
                                        _mm512_maskz_loadu_ps(mask, k_scale + k + 16 * j), top);
       p[j] = _mm512_maskz_cvt_roundps_epi32(mask, exp2_levels_ps(_mm512_mul_ps(s, factor)),
